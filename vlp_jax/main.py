@@ -1,0 +1,44 @@
+"""Command line: `python -m vlp_jax.main --config=configs/clip.py:tiny [--workdir=DIR] [--mode=train|eval]`.
+
+Intentionally short: it parses flags and calls importable functions, so a notebook can drive the same code.
+Override any config value with `--config.a.b=value`.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/clip.py:tiny.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory; default workdir/<config>-<variant>.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "train: train and evaluate; eval: evaluate only.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU pods, SLURM).")
+flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
+
+def default_workdir(config_arg: str) -> str:
+    """configs/clip.py:tiny -> workdir/clip-tiny (no variant = base)."""
+    path, _, variant = config_arg.partition(":")
+    return os.path.join("workdir", f"{os.path.splitext(os.path.basename(path))[0]}-{variant or 'base'}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    import jax  # imported after flag parsing so --help stays fast
+
+    from vlp_jax import train
+
+    if FLAGS.distributed:
+        jax.distributed.initialize()
+    logging.set_verbosity(logging.INFO)
+    workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
+    logging.info("process %d/%d, workdir %s", jax.process_index(), jax.process_count(), workdir)
+    if FLAGS.mode == "eval":
+        raise app.UsageError("--mode=eval needs a checkpoint; checkpointing is not built yet (issue 4/5)")
+    train.train_and_evaluate(FLAGS.config, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,123 @@
+"""Transformer building blocks with logical axis names on every parameter and activation.
+
+Parameters are float32; computation runs in `dtype` (bfloat16 on accelerators, float32 in CPU tests).
+"""
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype | str
+
+
+def partitioned(init: Callable, names: tuple[str | None, ...]) -> Callable:
+    """An initializer whose parameter carries logical axis names (mapped to the mesh in parallel.py)."""
+    return nn.with_logical_partitioning(init, names)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """Sharding hint for an activation; a no-op outside a mesh context."""
+    return nn.with_logical_constraint(x, names)
+
+
+def layer_norm(dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        dtype=dtype,
+        scale_init=partitioned(nn.initializers.ones, ("embed",)),
+        bias_init=partitioned(nn.initializers.zeros, ("embed",)),
+        name=name,
+    )
+
+
+class MlpBlock(nn.Module):
+    """Two dense layers with GELU: [b, t, d] -> [b, t, mlp_dim] -> [b, t, d]."""
+
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        x = nn.Dense(
+            self.mlp_dim,
+            dtype=self.dtype,
+            kernel_init=partitioned(nn.initializers.xavier_uniform(), ("embed", "mlp")),
+            bias_init=partitioned(nn.initializers.zeros, ("mlp",)),
+            name="fc1",
+        )(x)
+        x = constrain(nn.gelu(x), ("batch", "act_len", "act_mlp"))
+        return nn.Dense(
+            width,
+            dtype=self.dtype,
+            kernel_init=partitioned(nn.initializers.xavier_uniform(), ("mlp", "embed")),
+            bias_init=partitioned(nn.initializers.zeros, ("embed",)),
+            name="fc2",
+        )(x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention; `mask` [b, t] is True at tokens that may be attended to.
+
+    Projections are explicit einsums over [embed, heads, kv] kernels (flax's DenseGeneral initialises a
+    flattened kernel, which cannot carry 3-axis logical partitioning).
+    """
+
+    heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        width = x.shape[-1]
+        if width % self.heads:
+            raise ValueError(f"width {width} is not divisible by heads {self.heads}; fix config.model.*.heads")
+        head_dim = width // self.heads
+        init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=0, out_axis=(1, 2))
+
+        def project(name: str) -> jax.Array:  # [b, t, heads, head_dim]
+            kernel = self.param(name, partitioned(init, ("embed", "heads", "kv")), (width, self.heads, head_dim))
+            bias = self.param(f"{name}_bias", partitioned(nn.initializers.zeros, ("heads", "kv")),
+                              (self.heads, head_dim))
+            y = jnp.einsum("btd,dhk->bthk", x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+            return constrain(y, ("batch", "act_len", "act_heads", "act_kv"))
+
+        query, key, value = project("query"), project("key"), project("value")
+        attn_mask = None if mask is None else mask[:, None, None, :]  # [b, 1, 1, t_k] broadcast over heads, t_q
+        y = jax.nn.dot_product_attention(query, key, value, mask=attn_mask)  # [b, t, heads, head_dim]
+        out_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1), out_axis=2)
+        kernel = self.param("out", partitioned(out_init, ("heads", "kv", "embed")), (self.heads, head_dim, width))
+        bias = self.param("out_bias", partitioned(nn.initializers.zeros, ("embed",)), (width,))
+        return jnp.einsum("bthk,hkd->btd", y, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    heads: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        x = x + SelfAttention(self.heads, self.dtype, name="attention")(layer_norm(self.dtype, "ln1")(x), mask)
+        x = constrain(x, ("batch", "act_len", "act_embed"))
+        x = x + MlpBlock(self.mlp_dim, self.dtype, name="mlp")(layer_norm(self.dtype, "ln2")(x))
+        return constrain(x, ("batch", "act_len", "act_embed"))
+
+
+class Encoder(nn.Module):
+    """A stack of `depth` pre-LN blocks and a final LayerNorm; `remat` recomputes block activations in backward."""
+
+    depth: int
+    heads: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        block_cls = nn.remat(EncoderBlock) if self.remat else EncoderBlock
+        for i in range(self.depth):
+            x = block_cls(self.heads, self.mlp_dim, self.dtype, name=f"block{i}")(x, mask)
+        return layer_norm(self.dtype, "ln_final")(x)

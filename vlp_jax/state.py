@@ -1,0 +1,67 @@
+"""The train state pytree and its creation directly in its sharding (nothing is materialised unsharded)."""
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from vlp_jax import parallel
+from vlp_jax.methods.base import Batch, Method
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar
+    params: PyTree
+    opt_state: PyTree
+    extra: PyTree  # method's non-gradient state: EMA params, queues, statistics
+    rng: jax.Array  # raw uint32 [2] key; each step folds in the step number
+
+
+def example_batch(batch: Batch) -> Batch:
+    """A one-row zero batch of the same feature shapes, enough to initialise parameters cheaply."""
+    return {key: jnp.zeros((1, *value.shape[1:]), value.dtype) for key, value in batch.items()}
+
+
+def create_train_state(
+    method: Method, tx: optax.GradientTransformation, batch: Batch, mesh: Mesh, seed: int
+) -> tuple[TrainState, TrainState]:
+    """Returns (state, state_shardings). Parameters follow parallel.LOGICAL_AXIS_RULES; optimizer moments
+    follow their parameters; everything else is replicated."""
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
+    sample = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), example_batch(batch))
+
+    def init_variables(rng):
+        return method.init(rng, {key: jnp.zeros(s.shape, s.dtype) for key, s in sample.items()})
+
+    boxed_params, boxed_extra = jax.eval_shape(init_variables, init_rng)
+    param_shardings = parallel.logical_shardings(boxed_params, mesh)
+    extra_shardings = parallel.logical_shardings(boxed_extra, mesh)
+    replicated = parallel.replicated(mesh)
+
+    def make_state(rng, train_rng):
+        params, extra = nn.meta.unbox(init_variables(rng))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), extra=extra, rng=train_rng
+        )
+
+    abstract = jax.eval_shape(make_state, init_rng, train_rng)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, sharding: sharding, abstract.opt_state, param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+    shardings = TrainState(
+        step=replicated, params=param_shardings, opt_state=opt_shardings, extra=extra_shardings, rng=replicated
+    )
+    state = jax.jit(make_state, out_shardings=shardings)(init_rng, train_rng)
+    return state, shardings
+
+
+def count_params(params: PyTree) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
