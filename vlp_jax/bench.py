@@ -11,15 +11,13 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
-from vlp_jax import metrics, parallel, train
+from vlp_jax import cli, metrics, parallel, train
 from vlp_jax.state import count_params
 
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/clip.py:tiny.", lock_config=True)
+cli.define_config_flag()
 flags.DEFINE_integer("steps", 20, "Timed steps after warm-up.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
-flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
@@ -88,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -7,13 +7,13 @@ Override any config value with `--config.a.b=value`.
 import os
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/clip.py:tiny.", lock_config=True)
+from vlp_jax import cli
+
+cli.define_config_flag()
 flags.DEFINE_string("workdir", None, "Run directory; default workdir/<config>-<variant>.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "train: train and evaluate; eval: evaluate only.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU pods, SLURM).")
-flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
@@ -41,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -1,56 +1,66 @@
 """The embedded world: seeded scenes of coloured shapes, each image with several true captions.
 
-This is the project's default data; it needs nothing from the network. A scene holds a few objects
-(shape, colour, size name, pixel box, tag) and captions that name every object by size, colour and shape and
-state their left-to-right order, so one caption identifies its scene. Train and eval are disjoint by scene
-content: each scene's signature (its objects from left to right) goes to one split by a stable hash, so no eval
-description is ever trained on. Scene ``i`` of a split depends only on (seed, split, i), never on how many
-scenes are generated.
+This is the project's default data; it needs nothing from the network. A scene holds a few objects (shape,
+colour, size name, pixel box, tag) ordered left to right, and captions that name every object by size, colour
+and shape and state their left-to-right order, so a single caption identifies its scene. Train and eval are
+disjoint by content: a scene's signature (its objects from left to right) belongs to one split by a stable
+hash, so no eval description is ever trained on. Scene ``i`` of a split depends only on (seed, split, i).
 
 Never flip these images horizontally in a pipeline: a flip contradicts every left/right caption.
 """
 
+import collections
 import dataclasses
 import functools
 import hashlib
+import itertools
+import math
+from collections.abc import Callable
 
 import ml_collections
 import numpy as np
 
 SPLITS = ("train", "eval")
+Box = tuple[int, int, int, int]  # (x0, y0, x1, y1) in pixels, half-open
+Draw = Callable[[], float]  # the next uniform [0, 1) float of a scene's random stream
 
-# Words the caption templates add around the object phrases; caption_vocabulary lists them.
-_TEMPLATE_WORDS = ("a", "an", "alone", "and", "from", "in", "left", "middle", "of", "on", "one", "right",
-                   "the", "then", "to")
 _PLACES = ("on the left", "in the middle", "on the right")
-_SCENE_STREAM, _NOISE_STREAM = 0, 1  # independent random streams of one seed
+# Words the caption templates put around object phrases; caption_vocabulary adds the world's names.
+_TEMPLATE_WORDS = ("a", "an", "alone", "and", "from", "in", "left", "middle", "of", "on", "only", "right",
+                   "the", "then", "to")
+# Each shape as a test on box coordinates u (rightwards) and v (downwards), both in [-1, 1].
+_SHAPES = {
+    "circle": lambda u, v: u**2 + v**2 <= 1,
+    "square": lambda u, v: np.ones_like(u, bool),
+    "triangle": lambda u, v: np.abs(u) <= (v + 1) / 2,  # apex up
+    "diamond": lambda u, v: np.abs(u) + np.abs(v) <= 1,
+    "cross": lambda u, v: (np.abs(u) <= 0.4) | (np.abs(v) <= 0.4),
+}
+_SCENE_STREAM, _NOISE_STREAM = 0, 1  # independent random streams under one seed
+_RENDER_PIXELS = 1 << 22  # image pixels rendered per vectorised batch; bounds the scratch memory
 
 
 @dataclasses.dataclass(frozen=True)
 class SceneObject:
-    """One shape; ``box`` is (x0, y0, x1, y1) in pixels, half-open, and ``tag`` names what it is."""
+    """One shape; ``box`` is (x0, y0, x1, y1) in pixels, half-open; ``tag`` names what it is."""
 
     shape: str
     colour: str
     size: str
-    box: tuple[int, int, int, int]
+    box: Box
     tag: str
 
     @property
     def phrase(self) -> str:
-        """The words a caption uses for this object, e.g. 'large red circle'."""
+        """How captions name this object, e.g. 'large red circle'."""
         return f"{self.size} {self.colour} {self.shape}"
-
-    @property
-    def centre_x(self) -> float:
-        return (self.box[0] + self.box[2]) / 2
 
 
 @dataclasses.dataclass(frozen=True)
 class Scene:
-    """Objects ordered left to right, their captions, and an id unique across splits."""
+    """Objects ordered left to right by x-centre, their captions, and an id unique across splits."""
 
-    id: int
+    id: int  # 2 * index + split code
     objects: tuple[SceneObject, ...]
     captions: tuple[str, ...]
 
@@ -64,7 +74,11 @@ class SyntheticSplit:
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """The world's knobs; sizes are box sides as fractions of the image side."""
+    """The world's knobs.
+
+    Three objects of 8 colours x 5 shapes x 2 sizes give ~490k left-to-right sequences, so 1,000 eval scenes
+    rarely share a description; two-object scenes (~6k sequences, a tenth of them eval) could not.
+    """
     world = ml_collections.ConfigDict()
     world.seed = 0
     world.image_size = 32
@@ -77,40 +91,35 @@ def default_config() -> ml_collections.ConfigDict:
         "cyan": (0, 220, 230), "blue": (40, 80, 255), "purple": (160, 40, 230), "white": (245, 245, 245),
     })
     world.shapes = ("circle", "square", "triangle", "diamond", "cross")
-    world.sizes = ml_collections.ConfigDict({"small": 0.25, "large": 0.45})
-    world.min_centre_gap = 0.1  # x-centres of any two objects at least this far apart (fraction of the side)
-    world.box_gap = 1  # pixels between any two boxes
+    world.sizes = ml_collections.ConfigDict({"small": 0.25, "large": 0.45})  # box side / image side
+    world.min_centre_gap = 0.1  # x-centres of two objects at least this far apart (fraction of image side)
+    world.box_gap = 0.03  # space between any two boxes (fraction of image side, rounded to pixels)
     world.background = (30, 30, 30)
-    world.background_noise = 6.0  # std of Gaussian noise on background pixels, in intensity levels
-    world.placement_tries = 50  # random positions tried per object before the candidate scene is redrawn
-    world.scene_tries = 10_000  # candidate scenes tried per scene before the world is declared impossible
+    world.background_noise = 6.0  # std of Gaussian grey noise on background pixels, in intensity levels
+    world.layout_tries = 100  # layouts tried per object sequence before another sequence is drawn
+    world.scene_tries = 10_000  # object sequences drawn per scene before the world is declared impossible
     return world
 
 
 def generate_scenes(world: ml_collections.ConfigDict, split: str, num: int) -> list[Scene]:
-    """Scenes 0..num-1 of ``split``; each depends only on (world.seed, split, its index)."""
+    """Scenes 0..num-1 of ``split``; scene i depends only on (world.seed, split, i)."""
     split_code = _split_code(split)
-    return [_generate_scene(world, split_code, index) for index in range(num)]
+    rules = _Rules.from_world(world)
+    return [_generate_scene(rules, split_code, index) for index in range(num)]
 
 
 def render(scene: Scene, world: ml_collections.ConfigDict) -> np.ndarray:
-    """The scene's uint8 [H, W, 3] image: noisy plain background, objects painted in flat colour."""
-    size = world.image_size
-    noise_rng = np.random.default_rng((world.seed, _NOISE_STREAM, scene.id))
-    noise = noise_rng.normal(0.0, world.background_noise, (size, size, 3))
-    image = np.clip(np.rint(np.asarray(world.background, np.float32) + noise), 0, 255).astype(np.uint8)
-    for obj in scene.objects:
-        x0, y0, x1, y1 = obj.box
-        image[y0:y1, x0:x1][_shape_mask(obj.shape, x1 - x0)] = world.colours[obj.colour]
-    return image
+    """The scene's uint8 [H, W, 3] image: grey-noised background, objects painted in flat colour."""
+    return _render_chunk([scene], world)[0]
 
 
 def make_split(world: ml_collections.ConfigDict, split: str, num: int) -> SyntheticSplit:
     """Generate and render ``num`` scenes of ``split``."""
     scenes = generate_scenes(world, split, num)
     images = np.empty((num, world.image_size, world.image_size, 3), np.uint8)
-    for row, scene in enumerate(scenes):
-        images[row] = render(scene, world)
+    chunk = max(1, _RENDER_PIXELS // world.image_size**2)
+    for start in range(0, num, chunk):
+        images[start : start + chunk] = _render_chunk(scenes[start : start + chunk], world)
     return SyntheticSplit(
         images=images,
         captions=[list(scene.captions) for scene in scenes],
@@ -120,13 +129,8 @@ def make_split(world: ml_collections.ConfigDict, split: str, num: int) -> Synthe
 
 
 def caption_vocabulary(world: ml_collections.ConfigDict) -> list[str]:
-    """Every word a caption of this world can use, sorted."""
+    """Every word a caption of this world can use, sorted: the template words and the world's names."""
     return sorted({*_TEMPLATE_WORDS, *world.sizes.keys(), *world.colours.keys(), *world.shapes})
-
-
-def signature(objects: tuple[SceneObject, ...]) -> str:
-    """What captions say about a scene: its objects' size, colour and shape from left to right."""
-    return ", ".join(obj.phrase for obj in sorted(objects, key=lambda obj: obj.centre_x))
 
 
 def _split_code(split: str) -> int:
@@ -135,133 +139,221 @@ def _split_code(split: str) -> int:
     return SPLITS.index(split)
 
 
-def _split_of_signature(text: str, eval_fraction: float) -> int:
-    """A stable hash (independent of seed and Python's hash salt) assigns each signature to one split."""
-    unit = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
-    return SPLITS.index("eval") if unit < eval_fraction else SPLITS.index("train")
+@dataclasses.dataclass(frozen=True)
+class _Rules:
+    """The world config read once into plain values (ConfigDict lookups are slow in the per-scene loop)."""
 
+    seed: int
+    image_size: int
+    kinds: tuple[tuple[str, str, str], ...]  # every (size, colour, shape) an object can have
+    sides: tuple[int, ...]  # box side in pixels of each kind
+    min_objects: int
+    max_objects: int
+    captions_per_image: int
+    eval_fraction: float
+    min_centre_gap: float  # pixels
+    box_gap: int  # pixels
+    layout_tries: int
+    scene_tries: int
 
-def _generate_scene(world: ml_collections.ConfigDict, split_code: int, index: int) -> Scene:
-    """Draw candidate scenes until one's signature belongs to the split."""
-    rng = np.random.default_rng((world.seed, _SCENE_STREAM, split_code, index))
-    for _ in range(world.scene_tries):
-        objects = _sample_objects(world, rng)
-        if objects is not None and _split_of_signature(signature(objects), world.eval_fraction) == split_code:
-            return Scene(
-                id=index * len(SPLITS) + split_code,
-                objects=objects,
-                captions=_captions(objects, world.captions_per_image, rng),
+    @classmethod
+    def from_world(cls, world: ml_collections.ConfigDict) -> "_Rules":
+        kinds = tuple(
+            (size, colour, shape)
+            for size in sorted(world.sizes.keys())
+            for colour in sorted(world.colours.keys())
+            for shape in world.shapes
+        )
+        unknown = sorted(set(world.shapes) - set(_SHAPES))
+        if unknown:
+            raise ValueError(f"Unknown shapes {unknown} in world.shapes; known shapes: {sorted(_SHAPES)}.")
+        if not 1 <= world.min_objects <= world.max_objects <= len(kinds):
+            raise ValueError(
+                f"world.min_objects={world.min_objects}, max_objects={world.max_objects}: need "
+                f"1 <= min_objects <= max_objects <= {len(kinds)} (the number of distinct objects)."
             )
+        return cls(
+            seed=world.seed,
+            image_size=world.image_size,
+            kinds=kinds,
+            sides=tuple(round(world.sizes[size] * world.image_size) for size, _, _ in kinds),
+            min_objects=world.min_objects,
+            max_objects=world.max_objects,
+            captions_per_image=world.captions_per_image,
+            eval_fraction=world.eval_fraction,
+            min_centre_gap=world.min_centre_gap * world.image_size,
+            box_gap=round(world.box_gap * world.image_size),
+            layout_tries=world.layout_tries,
+            scene_tries=world.scene_tries,
+        )
+
+
+def _generate_scene(rules: _Rules, split_code: int, index: int) -> Scene:
+    """Draw left-to-right object sequences until one belongs to the split, then lay it out in the image."""
+    draw = _uniforms(np.random.default_rng((rules.seed, _SCENE_STREAM, split_code, index)))
+    for _ in range(rules.scene_tries):
+        count = _integer(draw, rules.min_objects, rules.max_objects + 1)
+        picks = [_integer(draw, 0, len(rules.kinds)) for _ in range(count)]
+        kinds = [rules.kinds[k] for k in picks]
+        if len(set(picks)) < count or _split_of(kinds, rules.eval_fraction) != split_code:
+            continue
+        for _ in range(rules.layout_tries):  # retry the same sequence: keeps crowded size mixes as likely
+            boxes = _layout([rules.sides[k] for k in picks], rules, draw)
+            if boxes is not None:
+                objects = tuple(
+                    SceneObject(shape=shape, colour=colour, size=size, box=box, tag=shape)
+                    for (size, colour, shape), box in zip(kinds, boxes, strict=True)
+                )
+                captions = _captions(objects, rules.captions_per_image, draw)
+                return Scene(id=index * len(SPLITS) + split_code, objects=objects, captions=captions)
     raise RuntimeError(
-        f"No {SPLITS[split_code]} scene found in {world.scene_tries} tries: the world cannot fit "
-        f"{world.min_objects}-{world.max_objects} objects or eval_fraction={world.eval_fraction} starves the "
-        "split; lower sizes, min_centre_gap or box_gap, or change eval_fraction."
+        f"No {SPLITS[split_code]} scene found in {rules.scene_tries} tries: the objects do not fit the "
+        f"image or eval_fraction={rules.eval_fraction} starves the split; lower sizes, min_centre_gap, "
+        "box_gap or max_objects, or move eval_fraction away from 0 and 1."
     )
 
 
-def _sample_objects(world: ml_collections.ConfigDict, rng: np.random.Generator) -> tuple[SceneObject, ...] | None:
-    """Distinct objects at non-overlapping boxes with well-separated x-centres, ordered left to right."""
-    sizes, colours = sorted(world.sizes.keys()), sorted(world.colours.keys())
-    count = int(rng.integers(world.min_objects, world.max_objects + 1))
-    kinds: set[tuple[str, str, str]] = set()
-    while len(kinds) < count:
-        kinds.add((sizes[rng.integers(len(sizes))], colours[rng.integers(len(colours))],
-                   world.shapes[rng.integers(len(world.shapes))]))
-    objects = []
-    for size, colour, shape in sorted(kinds):  # sorted: set order must not leak into the draw
-        box = _place(round(world.sizes[size] * world.image_size), [obj.box for obj in objects], world, rng)
-        if box is None:
+def _split_of(kinds: list[tuple[str, str, str]], eval_fraction: float) -> int:
+    """Split code of a left-to-right object sequence, by a hash stable across runs, machines and seeds."""
+    signature = ", ".join(" ".join(kind) for kind in kinds)
+    unit = int.from_bytes(hashlib.sha256(signature.encode()).digest()[:8], "big") / 2**64
+    return SPLITS.index("eval" if unit < eval_fraction else "train")
+
+
+def _uniforms(rng: np.random.Generator, block: int = 64) -> Draw:
+    """Uniform [0, 1) floats one at a time, drawn in blocks: a numpy call costs more than the arithmetic."""
+    blocks = (rng.random(block).tolist() for _ in itertools.count())
+    return itertools.chain.from_iterable(blocks).__next__
+
+
+def _integer(draw: Draw, low: int, high: int) -> int:
+    """A uniform integer in [low, high)."""
+    return low + int(draw() * (high - low))
+
+
+def _shuffled(items, draw: Draw) -> list:
+    """The items in random order."""
+    return sorted(items, key=lambda _: draw())
+
+
+def _layout(sides: list[int], rules: _Rules, draw: Draw) -> list[Box] | None:
+    """Boxes of these sides, x-centres increasing by >= min_centre_gap, any two boxes box_gap apart; or None.
+
+    Placed left to right: x0 at random in the range that leaves room for the objects still to come, then y0
+    at random among the rows clear of the earlier boxes it meets in x. None when a box finds no free row.
+    """
+    size, gap, min_gap2 = rules.image_size, rules.box_gap, 2 * rules.min_centre_gap  # 2x: centres as x0 + x1
+    boxes: list[Box] = []
+    for side, high in zip(sides, _x0_highs(tuple(sides), size, min_gap2), strict=True):
+        low = math.ceil((boxes[-1][0] + boxes[-1][2] + min_gap2 - side) / 2) if boxes else 0
+        if low > high:
             return None
-        objects.append(SceneObject(shape=shape, colour=colour, size=size, box=box, tag=shape))
-    return tuple(sorted(objects, key=lambda obj: obj.centre_x))
-
-
-def _place(side: int, taken: list[tuple[int, int, int, int]], world: ml_collections.ConfigDict,
-           rng: np.random.Generator) -> tuple[int, int, int, int] | None:
-    """A random box of ``side`` pixels clear of ``taken`` boxes, or None if none was found."""
-    min_dx = world.min_centre_gap * world.image_size
-    for _ in range(world.placement_tries):
-        x0, y0 = (int(v) for v in rng.integers(0, world.image_size - side + 1, size=2))
-        box = (x0, y0, x0 + side, y0 + side)
-        if all(_clear(box, other, world.box_gap, min_dx) for other in taken):
-            return box
-    return None
-
-
-def _clear(box: tuple[int, int, int, int], other: tuple[int, int, int, int], gap: int, min_dx: float) -> bool:
-    """True when the boxes are ``gap`` pixels apart and their x-centres ``min_dx`` apart."""
-    apart = (box[2] + gap <= other[0] or other[2] + gap <= box[0]
-             or box[3] + gap <= other[1] or other[3] + gap <= box[1])
-    return apart and abs((box[0] + box[2]) - (other[0] + other[2])) / 2 >= min_dx
-
-
-def _captions(objects: tuple[SceneObject, ...], count: int, rng: np.random.Generator) -> tuple[str, ...]:
-    """``count`` captions from distinct templates (cycling when count exceeds them), all true of the scene."""
-    templates = _SINGLE_TEMPLATES if len(objects) == 1 else _TEMPLATES
-    order = rng.permutation(len(templates))
-    return tuple(templates[order[i % len(templates)]](objects, rng) for i in range(count))
-
-
-def _mention(obj: SceneObject) -> str:
-    article = "an" if obj.size[0] in "aeiou" else "a"
-    return f"{article} {obj.phrase}"
-
-
-def _left_chain(objects, rng):
-    return " left of ".join(_mention(obj) for obj in objects)
-
-
-def _right_chain(objects, rng):
-    return " to the right of ".join(_mention(obj) for obj in reversed(objects))
-
-
-def _left_to_right(objects, rng):
-    return "from left to right " + " then ".join(_mention(obj) for obj in objects)
-
-
-def _right_to_left(objects, rng):
-    return "from right to left " + " then ".join(_mention(obj) for obj in reversed(objects))
-
-
-def _placed(objects, rng):
-    """Objects in random order, each with its place; middle objects of 4+ all read 'in the middle'."""
-    last = len(objects) - 1
-    places = [_PLACES[0 if i == 0 else 2 if i == last else 1] for i in range(len(objects))]
-    order = rng.permutation(len(objects))
-    return " and ".join(f"{_mention(objects[i])} {places[i]}" for i in order)
-
-
-def _single(objects, rng):
-    return _mention(objects[0])
-
-
-def _single_alone(objects, rng):
-    return f"{_mention(objects[0])} alone"
-
-
-def _one(objects, rng):
-    return f"one {objects[0].phrase}"
-
-
-_TEMPLATES = (_left_chain, _right_chain, _left_to_right, _right_to_left, _placed)
-_SINGLE_TEMPLATES = (_single, _single_alone, _one)
+        x0 = _integer(draw, low, high + 1)
+        # Earlier boxes lie to the left by centre; one reaching past x0 - gap forbids y0s that would touch it.
+        blocked = [(by0 - side - gap + 1, by1 + gap) for _, by0, bx1, by1 in boxes if x0 < bx1 + gap]
+        y0 = _draw_free(size - side + 1, blocked, draw)
+        if y0 is None:
+            return None
+        boxes.append((x0, y0, x0 + side, y0 + side))
+    return boxes
 
 
 @functools.cache
-def _shape_mask(shape: str, side: int) -> np.ndarray:
-    """bool [side, side]: which pixels of a box the shape covers (pixel centres in [-1, 1] box coordinates)."""
+def _x0_highs(sides: tuple[int, ...], size: int, min_gap2: float) -> tuple[int, ...]:
+    """Largest x0 of each box that leaves room for the boxes right of it, centres min_gap2 / 2 apart."""
+    highs = []
+    for k, side in enumerate(sides):
+        centre2 = min(2 * size - later - j * min_gap2 for j, later in enumerate(sides[k:]))  # doubled
+        highs.append(math.floor((centre2 - side) / 2))
+    return tuple(highs)
+
+
+def _draw_free(span: int, blocked: list[tuple[int, int]], draw: Draw) -> int | None:
+    """A uniform draw from range(span) outside the half-open ``blocked`` intervals; None if none is free."""
+    free, start = [], 0  # half-open free intervals, left to right
+    for low, high in [*sorted(blocked), (span, span)]:
+        if min(low, span) > start:
+            free.append((start, min(low, span)))
+        start = max(start, high)
+    pick = _integer(draw, 0, sum(high - low for low, high in free)) if free else None
+    for low, high in free:
+        if pick < high - low:
+            return low + pick
+        pick -= high - low
+    return None
+
+
+def _captions(objects: tuple[SceneObject, ...], count: int, draw: Draw) -> tuple[str, ...]:
+    """``count`` captions from distinct templates (cycling when count exceeds them), all true of the scene."""
+    mentions = [f"{'an' if obj.size[0] in 'aeiou' else 'a'} {obj.phrase}" for obj in objects]  # left to right
+    templates = _shuffled(_SINGLE_TEMPLATES if len(objects) == 1 else _TEMPLATES, draw)
+    return tuple(templates[i % len(templates)](mentions, draw) for i in range(count))
+
+
+def _left_chain(mentions, draw):
+    return " left of ".join(mentions)
+
+
+def _right_chain(mentions, draw):
+    return " to the right of ".join(reversed(mentions))
+
+
+def _left_to_right(mentions, draw):
+    return "from left to right " + " then ".join(mentions)
+
+
+def _right_to_left(mentions, draw):
+    return "from right to left " + " then ".join(reversed(mentions))
+
+
+def _placed(mentions, draw):
+    """Objects in random order, each with its place; with 4+ objects all inner ones read 'in the middle'."""
+    places = [_PLACES[min(i, 1)] for i in range(len(mentions) - 1)] + [_PLACES[2]]
+    return " and ".join(f"{m} {place}" for m, place in _shuffled(zip(mentions, places, strict=True), draw))
+
+
+def _single(mentions, draw):
+    return mentions[0]
+
+
+def _single_alone(mentions, draw):
+    return f"{mentions[0]} alone"
+
+
+def _only(mentions, draw):
+    return f"only {mentions[0]}"
+
+
+_TEMPLATES = (_left_chain, _right_chain, _left_to_right, _right_to_left, _placed)
+_SINGLE_TEMPLATES = (_single, _single_alone, _only)
+
+
+def _render_chunk(scenes: list[Scene], world: ml_collections.ConfigDict) -> np.ndarray:
+    """uint8 [n, H, W, 3] images of these scenes; each image's noise comes from its scene id alone."""
+    size = world.image_size
+    noise = np.empty((len(scenes), size, size, 1), np.float32)  # grey: one value for all three channels
+    for row, scene in enumerate(scenes):
+        rng = np.random.default_rng((world.seed, _NOISE_STREAM, scene.id))
+        rng.standard_normal(dtype=np.float32, out=noise[row])
+    levels = np.rint(world.background_noise * noise).astype(np.int16)
+    images = np.clip(levels + np.asarray(world.background, np.int16), 0, 255).astype(np.uint8)
+    # Objects never overlap, so all objects of one shape and side are painted in one indexed assignment.
+    colours = dict(world.colours.items())
+    groups = collections.defaultdict(list)  # (shape, side) -> [(row, x0, y0, rgb)]
+    for row, scene in enumerate(scenes):
+        for obj in scene.objects:
+            x0, y0, x1, _ = obj.box
+            groups[obj.shape, x1 - x0].append((row, x0, y0, colours[obj.colour]))
+    for (shape, side), members in groups.items():
+        rows, x0, y0, rgb = (np.array(column) for column in zip(*members, strict=True))
+        dy, dx = _shape_pixels(shape, side)  # [q] offsets inside the box
+        images[rows[:, None], y0[:, None] + dy, x0[:, None] + dx] = rgb[:, None, :]
+    return images
+
+
+@functools.cache
+def _shape_pixels(shape: str, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """(dy, dx) of the box pixels a shape covers, tested at pixel centres in box coordinates."""
     centres = (np.arange(side) + 0.5) / side * 2 - 1
     u, v = np.meshgrid(centres, centres)  # u grows rightwards, v downwards
-    masks = {
-        "circle": lambda: u**2 + v**2 <= 1,
-        "square": lambda: np.ones((side, side), bool),
-        "triangle": lambda: np.abs(u) <= (v + 1) / 2,
-        "diamond": lambda: np.abs(u) + np.abs(v) <= 1,
-        "cross": lambda: (np.abs(u) <= 0.4) | (np.abs(v) <= 0.4),
-        "ring": lambda: (u**2 + v**2 <= 1) & (u**2 + v**2 >= 0.3),
-    }
-    if shape not in masks:
-        raise ValueError(f"Unknown shape {shape!r} in world.shapes; known shapes: {sorted(masks)}.")
-    mask = masks[shape]()
-    mask.flags.writeable = False
-    return mask
+    return np.nonzero(np.broadcast_to(_SHAPES[shape](u, v), (side, side)))

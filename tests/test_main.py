@@ -1,0 +1,46 @@
+"""The command line: friendly one-line errors for bad flags, and the default workdir."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vlp_jax import cli
+from vlp_jax.main import default_workdir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "vlp_jax.main", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config=configs/nope.py"], "no config file 'configs/nope.py'. Available here: configs/clip.py"),
+        (["--config=configs/clip.py:huge"], "Unknown config variant 'huge'. Use one of tiny, small, base, large"),
+        (["--config=configs/clip.py:tiny", "--config.train.bogus=3"], "config.train has no key 'bogus'. Its keys: b1"),
+        (["--config=configs/clip.py:tiny", "--config.train.steps=abc"], "--config.train.steps=abc"),
+    ],
+)
+def test_bad_flags_exit_with_one_clear_line(args, message):
+    result = run_main(*args, "--workdir=/tmp/unused")
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_default_workdir_names_config_and_variant():
+    assert default_workdir("configs/clip.py:tiny") == os.path.join("workdir", "clip-tiny")
+    assert default_workdir("configs/clip.py") == os.path.join("workdir", "clip-base")
+
+
+def test_override_check_walks_nested_keys():
+    config = cli.load_config(os.path.join(ROOT, "configs/clip.py:tiny"))
+    cli.check_overrides(config, ["--config.model.image.width=64", "--workdir=x"])
+    with pytest.raises(ValueError, match="config.model.image has no key 'widht'"):
+        cli.check_overrides(config, ["--config.model.image.widht=64"])

@@ -1,0 +1,76 @@
+"""End to end on the embedded world: the loss falls, runs are reproducible, metrics are written, OOM fails fast."""
+
+import numpy as np
+import pytest
+
+from tests.helpers import read_metrics, tiny_config
+from vlp_jax import train
+from vlp_jax.evaluate.retrieval import RECALL_KEYS
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """The same config and seed trained twice in fresh workdirs."""
+    runs = []
+    for name in ("first", "second"):
+        workdir = tmp_path_factory.mktemp(name)
+        final = train.train_and_evaluate(tiny_config(), str(workdir))
+        runs.append((final, read_metrics(workdir)))
+    return runs
+
+
+def train_losses(records):
+    return [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
+
+
+def test_loss_falls(two_runs):
+    losses = [loss for _, loss in train_losses(two_runs[0][1])]
+    assert len(losses) == 6
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_same_config_and_seed_give_identical_loss_curves(two_runs):
+    (final_a, records_a), (final_b, records_b) = two_runs
+    assert train_losses(records_a) == train_losses(records_b)
+    assert final_a == final_b
+
+
+def test_metrics_jsonl_has_the_documented_keys(two_runs):
+    final, records = two_runs[0]
+    train_keys = set().union(*(r.keys() for r in records if "train/loss" in r))
+    expected = {"step", "train/loss", "train/temperature", "train/grad_norm", "train/learning_rate",
+                "train/pairs_per_sec", "train/mfu"}
+    assert expected <= train_keys
+    last = records[-1]
+    assert last["step"] == 30
+    for key in RECALL_KEYS:
+        assert last[f"eval/embedded/{key}"] == final[key]
+        assert 0.0 <= final[key] <= 100.0
+    assert final["mean_r1"] == pytest.approx((final["i2t_r1"] + final["t2i_r1"]) / 2)
+
+
+def test_different_seed_gives_a_different_run(two_runs, tmp_path):
+    config = tiny_config(steps=5)
+    config.seed = 1
+    train.train_and_evaluate(config, str(tmp_path))
+    other = train_losses(read_metrics(tmp_path))[0][1]
+    assert not np.isclose(other, train_losses(two_runs[0][1])[0][1], rtol=0, atol=1e-7)
+
+
+def test_step_that_cannot_fit_fails_before_training(tmp_path):
+    config = tiny_config(device_memory_bytes=1024)
+    with pytest.raises(MemoryError, match=r"needs .* GiB per device .* batch_size.*remat.*fsdp"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(PermissionError, match=r"--workdir=.*file/run is not writable"):
+        train.train_and_evaluate(tiny_config(), str(blocker / "run"))
+
+
+def test_batch_not_divisible_by_devices_fails_before_compiling(tmp_path):
+    with pytest.raises(ValueError, match=r"config.train.batch_size=60 is not divisible by the 8"):
+        train.train_and_evaluate(tiny_config(batch_size=60), str(tmp_path))
