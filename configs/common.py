@@ -13,7 +13,7 @@ SIZES = ("tiny", "small", "base", "large")
 # Tower shapes per size: image (image_size, patch, width, depth, heads, mlp) and text (width, depth, heads, mlp,
 # max_len, vocab). `base` is CLIP ViT-B/16; `large` is CLIP ViT-L/14.
 _TOWERS = {
-    "tiny": dict(image=(32, 4, 128, 3, 4, 256), text=(128, 2, 4, 256, 32, 128), embed_dim=128),
+    "tiny": dict(image=(32, 8, 96, 2, 4, 192), text=(96, 2, 4, 192, 28, 128), embed_dim=96),
     "small": dict(image=(224, 16, 384, 12, 6, 1536), text=(384, 12, 6, 1536, 77, 49408), embed_dim=384),
     "base": dict(image=(224, 16, 768, 12, 12, 3072), text=(512, 12, 8, 2048, 77, 49408), embed_dim=512),
     "large": dict(image=(224, 14, 1024, 24, 16, 4096), text=(768, 12, 12, 3072, 77, 49408), embed_dim=768),
@@ -21,7 +21,7 @@ _TOWERS = {
 
 # Training scale per size: steps, global batch, peak lr, warmup, log/eval/checkpoint cadence, synthetic set sizes.
 _SCALE = {
-    "tiny": dict(steps=1500, batch=256, lr=2e-3, warmup=100, log=50, eval=500, ckpt=500, n_train=40_000),
+    "tiny": dict(steps=600, batch=256, lr=2e-3, warmup=100, log=50, eval=300, ckpt=300, n_train=20_000),
     "small": dict(steps=20_000, batch=1024, lr=1e-3, warmup=1_000, log=100, eval=2_000, ckpt=2_000, n_train=200_000),
     "base": dict(steps=100_000, batch=4096, lr=5e-4, warmup=2_000, log=100, eval=5_000, ckpt=5_000, n_train=200_000),
     "large": dict(steps=200_000, batch=8192, lr=4e-4, warmup=4_000, log=100, eval=5_000, ckpt=5_000, n_train=200_000),

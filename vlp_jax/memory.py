@@ -58,9 +58,19 @@ def check_fits(compiled, available_bytes: int = 0) -> MemoryEstimate:
     )
     if not estimate.fits:
         raise MemoryError(
-            f"The train step needs {estimate.per_device_bytes / 2**30:.2f} GiB per device but only "
-            f"{estimate.available_bytes / 2**30:.2f} GiB are available. Lower --config.train.batch_size, set "
+            f"The train step needs {format_bytes(estimate.per_device_bytes)} per device but only "
+            f"{format_bytes(estimate.available_bytes)} are available. Lower --config.train.batch_size, set "
             "--config.model.remat=True (recompute activations), or shard parameters and optimizer state with "
             "--config.mesh.fsdp=<devices> (and --config.mesh.data=-1)."
         )
     return estimate
+
+
+def format_bytes(count: int) -> str:
+    """1536 -> '1.5 KiB'; binary units up to TiB."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"

@@ -12,7 +12,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from vlp_jax import memory, metrics, methods, parallel
+from vlp_jax import memory, methods, metrics, parallel
 from vlp_jax.data import pipeline
 from vlp_jax.evaluate.embeddings import RetrievalEvaluator
 from vlp_jax.evaluate.retrieval import format_table
@@ -34,7 +34,7 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule, state_sh
         step_metrics = {
             **step_metrics,
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
         }
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
@@ -122,9 +122,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     first_batch = parallel.global_batch_from_local(next(batches), mesh)
     started = time.perf_counter()
     compiled, estimate = compile_step(run, first_batch, config)
-    logging.info("%s parameters; train step compiled in %.1fs, needs %.2f GiB per device of %.2f GiB",
+    logging.info("%s parameters; train step compiled in %.1fs, needs %s per device of %s",
                  f"{count_params(state.params):,}", time.perf_counter() - started,
-                 estimate.per_device_bytes / 2**30, estimate.available_bytes / 2**30)
+                 memory.format_bytes(estimate.per_device_bytes), memory.format_bytes(estimate.available_bytes))
 
     evaluator = RetrievalEvaluator(run.method, run.shardings.params, mesh, config.eval.batch_size)
     writer = metrics.MetricWriter(str(workdir))

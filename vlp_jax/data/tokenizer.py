@@ -48,7 +48,7 @@ class Tokenizer:
 
 
 def train_tokenizer(texts: Iterable[str], model_path: str | epath.Path, vocab_size: int) -> Tokenizer:
-    """Trains a unigram sentencepiece model on `texts` and writes it to `model_path`.
+    """Trains a BPE sentencepiece model on `texts` and writes it to `model_path`.
 
     `vocab_size` is an upper bound: tiny corpora get fewer pieces rather than an error. Training is
     single-threaded and unshuffled so the same texts give the same model, byte for byte.
@@ -59,7 +59,7 @@ def train_tokenizer(texts: Iterable[str], model_path: str | epath.Path, vocab_si
         model_writer=model,
         vocab_size=vocab_size,
         hard_vocab_limit=False,
-        model_type="unigram",
+        model_type="bpe",
         character_coverage=1.0,
         pad_id=PAD_ID,
         unk_id=UNK_ID,
