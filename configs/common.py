@@ -100,8 +100,13 @@ def base_config(size: str) -> ml_collections.ConfigDict:
             log_every=scale["log"],
             # Bytes available per device for the fail-fast memory check; 0 = ask the device (host RAM on CPU).
             device_memory_bytes=0,
+            # Steps with a non-finite loss/gradient are skipped; this many in a row stop the run.
+            max_nonfinite_steps=10,
         )
     )
     config.eval = ml_collections.ConfigDict(dict(every=scale["eval"], batch_size=min(scale["batch"], 1024)))
-    config.checkpoint = ml_collections.ConfigDict(dict(every=scale["ckpt"]))
+    # Keep the last `keep` checkpoints plus every `keep_every`-th step (0 = none extra); saves are asynchronous.
+    config.checkpoint = ml_collections.ConfigDict(dict(every=scale["ckpt"], keep=3, keep_every=0, use_async=True))
+    # Workdir of another run to warm-start parameters from (its latest checkpoint); empty = from scratch.
+    config.init_from = ""
     return config

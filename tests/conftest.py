@@ -9,3 +9,17 @@ from absl import flags  # noqa: E402
 
 # grain worker processes and absl logging expect parsed flags.
 flags.FLAGS.mark_as_parsed()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One uninterrupted 30-step tiny run shared by the tests: (workdir, final metrics, metrics.jsonl records)."""
+    from tests.helpers import read_metrics, tiny_config
+    from vlp_jax import train
+
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    final = train.train_and_evaluate(tiny_config(), str(workdir))
+    return workdir, final, read_metrics(workdir)

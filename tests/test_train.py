@@ -9,14 +9,11 @@ from vlp_jax.evaluate.retrieval import RECALL_KEYS
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
+def two_runs(tiny_run, tmp_path_factory):
     """The same config and seed trained twice in fresh workdirs."""
-    runs = []
-    for name in ("first", "second"):
-        workdir = tmp_path_factory.mktemp(name)
-        final = train.train_and_evaluate(tiny_config(), str(workdir))
-        runs.append((final, read_metrics(workdir)))
-    return runs
+    workdir = tmp_path_factory.mktemp("second")
+    final = train.train_and_evaluate(tiny_config(), str(workdir))
+    return [tiny_run[1:], (final, read_metrics(workdir))]
 
 
 def train_losses(records):

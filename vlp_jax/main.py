@@ -5,6 +5,7 @@ Override any config value with `--config.a.b=value`.
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 
@@ -35,9 +36,14 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
     logging.info("process %d/%d, workdir %s", jax.process_index(), jax.process_count(), workdir)
-    if FLAGS.mode == "eval":
-        raise app.UsageError("--mode=eval needs a checkpoint; checkpointing is not built yet (issue 4/5)")
-    train.train_and_evaluate(FLAGS.config, workdir)
+    try:
+        if FLAGS.mode == "eval":
+            train.evaluate_checkpoint(FLAGS.config, workdir)
+        else:
+            train.train_and_evaluate(FLAGS.config, workdir)
+    except train.Preempted as stop:
+        logging.warning("%s", stop)
+        sys.exit(train.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ class TrainState:
     opt_state: PyTree
     extra: PyTree  # method's non-gradient state: EMA params, queues, statistics
     rng: jax.Array  # raw uint32 [2] key; each step folds in the step number
+    nonfinite_streak: jax.Array  # int32: consecutive steps skipped for a non-finite loss or gradient
+    nonfinite_total: jax.Array  # int32: all such skipped steps
 
 
 def example_batch(batch: Batch) -> Batch:
@@ -47,18 +49,17 @@ def create_train_state(
 
     def make_state(rng, train_rng):
         params, extra = nn.meta.unbox(init_variables(rng))
-        return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), extra=extra, rng=train_rng
-        )
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(step=zero, params=params, opt_state=tx.init(params), extra=extra, rng=train_rng,
+                          nonfinite_streak=zero, nonfinite_total=zero)
 
     abstract = jax.eval_shape(make_state, init_rng, train_rng)
     opt_shardings = optax.tree_map_params(
         tx, lambda _, sharding: sharding, abstract.opt_state, param_shardings,
         transform_non_params=lambda _: replicated,
     )
-    shardings = TrainState(
-        step=replicated, params=param_shardings, opt_state=opt_shardings, extra=extra_shardings, rng=replicated
-    )
+    shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, extra=extra_shardings,
+                           rng=replicated, nonfinite_streak=replicated, nonfinite_total=replicated)
     state = jax.jit(make_state, out_shardings=shardings)(init_rng, train_rng)
     return state, shardings
 

@@ -1,18 +1,23 @@
 """The generic training loop: it knows a method only through the Method protocol (methods/base.py)."""
 
 import dataclasses
+import functools
+import signal
 import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from vlp_jax import memory, methods, metrics, parallel
+from vlp_jax.checkpoint import Checkpointer, abstract_like, open_existing
 from vlp_jax.data import pipeline
 from vlp_jax.evaluate.embeddings import RetrievalEvaluator
 from vlp_jax.evaluate.retrieval import format_table
@@ -31,13 +36,27 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule, state_sh
         (loss, (step_metrics, extra)), grads = grad_fn(state.params, state.extra, batch, rng, state.step)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
+        # A non-finite loss or gradient skips the update: everything but the counters stays as it was.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+        streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            extra=keep(extra, state.extra),
+            nonfinite_streak=streak,
+            nonfinite_total=state.nonfinite_total + (1 - finite.astype(jnp.int32)),
+        )
         step_metrics = {
             **step_metrics,
             "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "learning_rate": schedule(state.step),
+            "nonfinite_streak": streak,
+            "nonfinite_total": new_state.nonfinite_total,
         }
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
         return new_state, step_metrics
 
     return jax.jit(
@@ -109,19 +128,77 @@ def compile_step(run: Setup, batch, config: ml_collections.ConfigDict):
     return compiled, memory.check_fits(compiled, config.train.device_memory_bytes)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains `config` in `workdir` and returns the final retrieval metrics (percent)."""
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run saved itself and should be restarted (e.g. requeued by SLURM)
+
+
+class Preempted(Exception):
+    """Raised after the state was saved because the process was asked to stop (SIGTERM/SIGINT)."""
+
+    def __init__(self, step: int, signal_name: str):
+        super().__init__(f"received {signal_name}: saved step {step}; rerun the same command to resume")
+        self.step = step
+
+
+class StopSignal:
+    """Records SIGTERM/SIGINT instead of dying, so the loop can finish its step and save; all processes agree."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        del frame
+        self.received = signum
+
+    def requested(self) -> bool:
+        local = self.received is not None
+        if jax.process_count() == 1:
+            return local
+        return bool(multihost_utils.process_allgather(np.array(local)).any())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def restore_or_init(run: Setup, checkpointer: Checkpointer, batches, config) -> TrainState:
+    """Resumes from the workdir's latest complete checkpoint, else warm-starts params from `init_from`."""
+    target = abstract_like(run.state, run.shardings)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state, data_state = checkpointer.restore(latest, target, config)
+        batches.set_state(data_state)
+        logging.info("resumed from %s (step %d, data position %s)", checkpointer.directory / str(latest), latest,
+                     data_state)
+        return state
+    if config.init_from:
+        source = open_existing(config.init_from)
+        params = source.restore(source.latest_step(), target)[0].params
+        logging.info("warm-started parameters from %s step %d", source.directory, source.latest_step())
+        return run.state.replace(params=params)
+    return run.state
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None):
+    """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final retrieval metrics.
+
+    `stop_after` ends this invocation after that many steps (saving first) as a preemption would, and returns
+    None: later invocations resume. A SIGTERM/SIGINT saves the step in flight and raises Preempted.
+    """
     workdir = prepare_workdir(workdir)
     train_data, eval_data, _ = pipeline.load_synthetic(config, workdir)
     logging.info("data: %d train / %d eval images, %d / %d captions", len(train_data), len(eval_data),
                  len(train_data.captions), len(eval_data.captions))
     run = setup(config, {"image": train_data.images[:1], "text": train_data.captions[:1]})
-    mesh, state = run.mesh, run.state
+    mesh = run.mesh
     logging.info("mesh %s over %d %s devices", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
     batches = pipeline.TrainIterator(train_data, config.train.batch_size, config.seed)
-    first_batch = parallel.global_batch_from_local(next(batches), mesh)
+    checkpointer = Checkpointer(workdir, config.checkpoint)
+    state = restore_or_init(run, checkpointer, batches, config)
+    step = int(state.step)
+    batch = parallel.global_batch_from_local(next(batches), mesh)
     started = time.perf_counter()
-    compiled, estimate = compile_step(run, first_batch, config)
+    compiled, estimate = compile_step(run, batch, config)
     logging.info("%s parameters; train step compiled in %.1fs, needs %s per device of %s",
                  f"{count_params(state.params):,}", time.perf_counter() - started,
                  memory.format_bytes(estimate.per_device_bytes), memory.format_bytes(estimate.available_bytes))
@@ -131,28 +208,76 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     flops_per_step = metrics.train_flops_per_step(config.model, config.train.batch_size)
     device_kind = jax.devices()[0].device_kind
     throughput = metrics.Throughput(config.train.steps, config.train.batch_size)
-
-    batch = first_batch
-    step = 0
+    stop_signal = StopSignal()
+    last_step = config.train.steps if stop_after is None else min(config.train.steps, step + stop_after)
+    pending = None  # the previous step's (step, non-finite streak), read one step late to keep dispatch async
     throughput.mark(step, time.perf_counter())
-    while step < config.train.steps:
-        state, step_metrics = compiled(state, batch)
-        step += 1
+    try:
+        while step < last_step:
+            state, step_metrics = compiled(state, batch)
+            step += 1
+            data_state = batches.get_state()  # the position after this step's batch, before prefetching
+            if pending is not None:
+                check_nonfinite(*pending, config, checkpointer)
+            pending = (step, step_metrics["nonfinite_streak"])
+            stopping = stop_signal.requested()
+            if step % config.checkpoint.every == 0 or stopping or step == last_step:
+                checkpointer.save(step, state, data_state, config)
+            if stopping:
+                checkpointer.wait()
+                raise Preempted(step, signal.Signals(stop_signal.received).name)
+            if step < last_step:
+                batch = parallel.global_batch_from_local(next(batches), mesh)  # overlaps the running step
+            if step % config.train.log_every == 0 or step == last_step:
+                scalars = {f"train/{k}": float(v) for k, v in jax.device_get(step_metrics).items()}
+                throughput.mark(step, time.perf_counter())
+                scalars["train/pairs_per_sec"] = throughput.pairs_per_sec
+                scalars["train/mfu"] = metrics.mfu(
+                    flops_per_step, throughput.step_seconds, device_kind, config.model.dtype, mesh.size
+                )
+                writer.write(step, scalars)
+                logging.info(metrics.format_console(step, config.train.steps, {**scalars, "eta": throughput.eta()}))
+            if step % config.eval.every == 0 and step < config.train.steps:
+                evaluate_and_log(evaluator, state.params, eval_data, writer, step)
+                throughput.mark(step, time.perf_counter())  # evaluation time is not training time
+        if pending is not None:
+            check_nonfinite(*pending, config, checkpointer)
         if step < config.train.steps:
-            batch = parallel.global_batch_from_local(next(batches), mesh)  # overlaps the running step
-        if step % config.train.log_every == 0 or step == config.train.steps:
-            scalars = {f"train/{k}": float(v) for k, v in jax.device_get(step_metrics).items()}
-            throughput.mark(step, time.perf_counter())
-            scalars["train/pairs_per_sec"] = throughput.pairs_per_sec
-            scalars["train/mfu"] = metrics.mfu(
-                flops_per_step, throughput.step_seconds, device_kind, config.model.dtype, mesh.size
-            )
-            writer.write(step, scalars)
-            logging.info(metrics.format_console(step, config.train.steps, {**scalars, "eta": throughput.eta()}))
-        if step % config.eval.every == 0 and step < config.train.steps:
-            evaluate_and_log(evaluator, state.params, eval_data, writer, step)
-            throughput.mark(step, time.perf_counter())  # evaluation time is not training time
-    final = evaluate_and_log(evaluator, state.params, eval_data, writer, step)
-    writer.close()
-    return final
+            return None
+        return evaluate_and_log(evaluator, state.params, eval_data, writer, step)
+    finally:
+        stop_signal.restore()
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
 
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Evaluates the latest checkpoint in `workdir` on the held-out set (`--mode=eval`)."""
+    workdir = epath.Path(workdir)
+    checkpointer = Checkpointer(workdir, config.checkpoint)
+    step = checkpointer.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"--workdir={workdir} holds no checkpoint to evaluate; train first (--mode=train)")
+    _, eval_data, _ = pipeline.load_synthetic(config, workdir)
+    run = setup(config, {"image": eval_data.images[:1], "text": eval_data.captions[:1]})
+    state, _ = checkpointer.restore(step, abstract_like(run.state, run.shardings), config)
+    checkpointer.close()
+    evaluator = RetrievalEvaluator(run.method, run.shardings.params, run.mesh, config.eval.batch_size)
+    writer = metrics.MetricWriter(str(workdir))
+    try:
+        return evaluate_and_log(evaluator, state.params, eval_data, writer, step)
+    finally:
+        writer.close()
+
+
+def check_nonfinite(step: int, streak, config, checkpointer: Checkpointer) -> None:
+    """Stops the run after `config.train.max_nonfinite_steps` skipped steps in a row."""
+    streak = int(streak)
+    if streak >= config.train.max_nonfinite_steps:
+        raise FloatingPointError(
+            f"step {step}: the loss or gradients were non-finite for {streak} steps in a row "
+            f"(config.train.max_nonfinite_steps={config.train.max_nonfinite_steps}); those updates were skipped. "
+            f"Last good checkpoint: {checkpointer.directory / str(checkpointer.latest_step())}. Lower "
+            "--config.train.learning_rate, check the data, or use float32 (--config.model.dtype=float32)."
+        )

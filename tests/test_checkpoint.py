@@ -1,0 +1,175 @@
+"""Never lose a run: exact resume, preemption, restore onto other meshes, non-finite guard, config checks."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import clip
+from tests.helpers import read_metrics, tiny_config
+from vlp_jax import methods, parallel, train
+from vlp_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
+from vlp_jax.data import pipeline
+from vlp_jax.optimizer import make_optimizer
+from vlp_jax.state import create_train_state
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def final_state(workdir, config=None):
+    """The latest checkpoint of a run, restored onto the default mesh."""
+    config = config or tiny_config()
+    image_size, max_len = config.model.image.image_size, config.model.text.max_len
+    run = train.setup(config, {"image": np.zeros((1, image_size, image_size, 3), np.uint8),
+                               "text": np.zeros((1, max_len), np.int32)})
+    checkpointer = Checkpointer(workdir, config.checkpoint)
+    state, data = checkpointer.restore(checkpointer.latest_step(), abstract_like(run.state, run.shardings))
+    checkpointer.close()
+    return state, data
+
+
+def assert_trees_equal(a, b):
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny_run, tmp_path):
+    # 512 scenes / batch 64 = 8 steps per epoch: stops at 7 (mid-epoch), 16 (epoch boundary) and 23.
+    for stop_after in (7, 9, 7):
+        assert train.train_and_evaluate(tiny_config(), str(tmp_path), stop_after=stop_after) is None
+    final = train.train_and_evaluate(tiny_config(), str(tmp_path))
+    reference_dir, reference_final, reference_records = tiny_run
+    resumed, resumed_data = final_state(tmp_path)
+    uninterrupted, uninterrupted_data = final_state(reference_dir)
+    assert int(resumed.step) == 30 and resumed_data == uninterrupted_data
+    assert_trees_equal(resumed, uninterrupted)
+    assert final == reference_final
+    losses = {r["step"]: r["train/loss"] for r in read_metrics(tmp_path) if "train/loss" in r}
+    reference = {r["step"]: r["train/loss"] for r in reference_records if "train/loss" in r}
+    assert set(losses) - set(reference) == {7, 16, 23}  # each interrupted invocation also logs its last step
+    assert {step: losses[step] for step in reference} == reference
+
+
+def test_restore_onto_another_mesh_gives_identical_values(tmp_path):
+    config = clip.get_config("tiny")
+    batch = {"image": np.zeros((1, 32, 32, 3), np.uint8), "text": np.zeros((1, config.model.text.max_len), np.int32)}
+
+    def state_on(mesh):
+        with parallel.mesh_context(mesh):
+            return create_train_state(methods.build(config, mesh), make_optimizer(config.train), batch, mesh, seed=0)
+
+    saved, _ = state_on(parallel.make_mesh(ml_collections.ConfigDict(dict(data=8, fsdp=1, model=1))))
+    saved = saved.replace(params=jax.tree.map(lambda x: x + 1.5, saved.params))  # differs from a fresh init
+    checkpointer = Checkpointer(tmp_path, config.checkpoint)
+    checkpointer.save(5, saved, {"epoch": 0, "index": 5}, config)
+    checkpointer.wait()
+    for num_devices, axes in ((4, (4, 1, 1)), (8, (2, 2, 2))):  # saved on 8 devices, restored on 4 and on 2x2x2
+        mesh_config = ml_collections.ConfigDict(dict(zip(parallel.MESH_AXES, axes, strict=True)))
+        fresh, shardings = state_on(parallel.make_mesh(mesh_config, devices=jax.devices()[:num_devices]))
+        restored, data = checkpointer.restore(5, abstract_like(fresh, shardings))
+        assert data == {"epoch": 0, "index": 5}
+        assert_trees_equal(restored, saved)
+        kernel = restored.params["towers"]["image_tower"]["encoder"]["block0"]["mlp"]["fc1"]["kernel"]
+        assert kernel.sharding.mesh.devices.size == num_devices
+        assert kernel.sharding.spec == shardings.params["towers"]["image_tower"]["encoder"]["block0"]["mlp"]["fc1"][
+            "kernel"].spec
+    checkpointer.close()
+
+
+def test_changed_shapes_are_refused_and_harmless_changes_allowed(tiny_run):
+    workdir, final, _ = tiny_run
+    changed = tiny_config()
+    changed.model.text.width = 64
+    changed.train.learning_rate = 0.5
+    with pytest.raises(CheckpointError, match=r"(?s)different config.*model.text.width: 96 -> 64.*learning_rate"):
+        train.train_and_evaluate(changed, str(workdir))
+    harmless = tiny_config()
+    harmless.eval.every = 7
+    harmless.train.log_every = 3
+    assert train.evaluate_checkpoint(harmless, str(workdir)) == final  # --mode=eval on the saved run
+
+
+def test_init_from_a_directory_that_is_not_a_run_is_refused(tmp_path):
+    config = tiny_config()
+    config.init_from = str(tmp_path / "somewhere")
+    (tmp_path / "somewhere").mkdir()
+    with pytest.raises(CheckpointError, match=r"init_from=.*somewhere.*does not exist; init_from takes the --workdir"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_init_from_warm_starts_parameters_only(tiny_run, tmp_path):
+    config = tiny_config(steps=1)
+    config.init_from = str(tiny_run[0])
+    source, _ = final_state(tiny_run[0])
+    config.train.learning_rate = 0.0  # one step that cannot move the parameters
+    config.train.weight_decay = 0.0
+    train.train_and_evaluate(config, str(tmp_path))
+    warm, _ = final_state(tmp_path, config)
+    assert int(warm.step) == 1
+    assert_trees_equal(warm.params, source.params)
+
+
+def nan_after(step_from):
+    """Wraps TrainIterator so every batch from `step_from` on has NaN pixels (float images, same values)."""
+    original = pipeline.TrainIterator.__next__
+
+    def poisoned(self):
+        batch = original(self)
+        images = batch["image"].astype(np.float32) / 127.5 - 1.0
+        if self.epoch * self.batches_per_epoch + self.index > step_from:
+            images[0, 0, 0, 0] = np.nan
+        return {**batch, "image": images}
+
+    return poisoned
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline.TrainIterator, "__next__", nan_after(12))
+    config = tiny_config(max_nonfinite_steps=4)
+    config.checkpoint.every = 10
+    with pytest.raises(FloatingPointError, match=r"step 16: .*non-finite for 4 steps in a row.*checkpoints/10"):
+        train.train_and_evaluate(config, str(tmp_path))
+    records = [r for r in read_metrics(tmp_path) if "train/nonfinite_total" in r]
+    assert [(r["step"], r["train/nonfinite_total"]) for r in records] == [(5, 0), (10, 0), (15, 3)]
+    assert records[-1]["train/loss"] is None  # NaN is written as null
+
+
+def test_a_skipped_step_leaves_the_state_unchanged_but_counts(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline.TrainIterator, "__next__", nan_after(0))
+    config = tiny_config()
+    dataset = pipeline.PairDataset(np.zeros((64, 32, 32, 3), np.uint8), np.ones((64, 28), np.int32), np.arange(64))
+    batch = next(pipeline.TrainIterator(dataset, 64, seed=0))
+    run = train.setup(config, {k: v[:1] for k, v in batch.items()})
+    before = jax.device_get(run.state)
+    with parallel.mesh_context(run.mesh):
+        after, metrics = run.train_step(run.state, parallel.global_batch_from_local(batch, run.mesh))
+    after = jax.device_get(after)
+    assert np.isnan(metrics["loss"]) and int(after.step) == 1 and int(after.nonfinite_total) == 1
+    assert_trees_equal((after.params, after.opt_state), (before.params, before.opt_state))
+
+
+def test_sigterm_saves_within_one_step_and_exits_with_the_preemption_code(tmp_path):
+    command = [sys.executable, "-m", "vlp_jax.main", "--config=configs/clip.py:tiny", f"--workdir={tmp_path}",
+               "--config.data.train_size=512", "--config.data.eval_size=64", "--config.train.batch_size=64",
+               "--config.eval.batch_size=64", "--config.train.steps=100000", "--config.train.log_every=1"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    for line in process.stderr:  # wait until training is under way
+        if "step 3/100000" in line or time.monotonic() > deadline:
+            break
+    process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == train.PREEMPTED_EXIT_CODE, stderr[-2000:]
+    assert time.monotonic() - sent < 20
+    assert "received SIGTERM: saved step" in stderr
+    saved_step = Checkpointer(tmp_path, tiny_config().checkpoint).latest_step()
+    assert saved_step is not None and saved_step >= 3
+    logged = [r["step"] for r in read_metrics(tmp_path) if "train/loss" in r]
+    assert saved_step <= max(logged) + 1  # at most the step in flight when the signal came
