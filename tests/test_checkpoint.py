@@ -1,6 +1,7 @@
 """Never lose a run: exact resume, preemption, restore onto other meshes, non-finite guard, config checks."""
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -154,15 +155,9 @@ def test_a_skipped_step_leaves_the_state_unchanged_but_counts(tmp_path, monkeypa
 
 
 def test_sigterm_saves_within_one_step_and_exits_with_the_preemption_code(tmp_path):
-    command = [sys.executable, "-m", "vlp_jax.main", "--config=configs/clip.py:tiny", f"--workdir={tmp_path}",
-               "--config.data.train_size=512", "--config.data.eval_size=64", "--config.train.batch_size=64",
-               "--config.eval.batch_size=64", "--config.train.steps=100000", "--config.train.log_every=1"]
+    command = tiny_command(tmp_path, "--config.train.steps=100000", "--config.train.log_every=1")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    for line in process.stderr:  # wait until training is under way
-        if "step 3/100000" in line or time.monotonic() > deadline:
-            break
+    process = run_until(command, env, "step 3/100000")  # training is under way
     process.send_signal(signal.SIGTERM)
     sent = time.monotonic()
     _, stderr = process.communicate(timeout=60)
@@ -173,3 +168,38 @@ def test_sigterm_saves_within_one_step_and_exits_with_the_preemption_code(tmp_pa
     assert saved_step is not None and saved_step >= 3
     logged = [r["step"] for r in read_metrics(tmp_path) if "train/loss" in r]
     assert saved_step <= max(logged) + 1  # at most the step in flight when the signal came
+
+
+def tiny_command(workdir, *extra):
+    """The CLI form of tests.helpers.tiny_config (same values), for subprocess tests."""
+    return [sys.executable, "-m", "vlp_jax.main", "--config=configs/clip.py:tiny", f"--workdir={workdir}",
+            "--config.data.train_size=512", "--config.data.eval_size=64", "--config.train.batch_size=64",
+            "--config.eval.batch_size=64", "--config.eval.every=1000", "--config.train.warmup_steps=5",
+            "--config.train.learning_rate=0.001", *extra]
+
+
+def run_until(command, env, pattern):
+    """Starts `command` and returns the process once a stderr line contains `pattern`."""
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if pattern in line:
+            return process
+    raise AssertionError(f"{pattern!r} never appeared; exit code {process.wait()}")
+
+
+def test_kill_9_at_random_moments_then_restart_finishes_identically(tiny_run, tmp_path):
+    rng = random.Random(7)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    command = tiny_command(tmp_path, "--config.train.steps=30", "--config.train.log_every=1",
+                           "--config.checkpoint.every=5")
+    # First kill at a random step; the second right after a checkpoint step, while its async save is in flight.
+    for pattern in (f"step {rng.randint(3, 12)}/30 ", f"step {rng.choice((15, 20))}/30 "):
+        process = run_until(command, env, pattern)
+        process.kill()  # SIGKILL: no handler, no cleanup
+        process.wait()
+    finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "resumed from" in finished.stderr
+    resumed, _ = final_state(tmp_path)
+    uninterrupted, _ = final_state(tiny_run[0])
+    assert_trees_equal(resumed, uninterrupted)
