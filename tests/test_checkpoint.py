@@ -82,6 +82,19 @@ def test_restore_onto_another_mesh_gives_identical_values(tmp_path):
     checkpointer.close()
 
 
+def test_a_relative_workdir_is_saved_and_restored(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config()
+    state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    checkpointer = Checkpointer("workdir/relative", config.checkpoint)
+    checkpointer.save(1, state, {"epoch": 0, "index": 1}, config)
+    checkpointer.wait()
+    restored, data = checkpointer.restore(1, {"w": jax.ShapeDtypeStruct((2, 3), np.float32)})
+    checkpointer.close()
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    assert (tmp_path / "workdir/relative/checkpoints/1").is_dir() and data == {"epoch": 0, "index": 1}
+
+
 def test_changed_shapes_are_refused_and_harmless_changes_allowed(tiny_run):
     workdir, final, _ = tiny_run
     changed = tiny_config()

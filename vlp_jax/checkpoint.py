@@ -7,6 +7,7 @@ complete, so a partially written checkpoint is never listed, never restored.
 """
 
 import json
+import os
 
 import jax
 import ml_collections
@@ -53,7 +54,7 @@ class Checkpointer:
     """Saves every `config.checkpoint.every` steps, keeps the last `keep` plus every `keep_every`-th step."""
 
     def __init__(self, workdir: str | epath.Path, checkpoint_config: ml_collections.ConfigDict):
-        self.directory = epath.Path(workdir) / "checkpoints"
+        self.directory = absolute(workdir) / "checkpoints"  # orbax refuses relative paths
         options = ocp.CheckpointManagerOptions(
             max_to_keep=checkpoint_config.keep,
             keep_period=checkpoint_config.keep_every or None,
@@ -103,6 +104,11 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def absolute(path: str | epath.Path) -> epath.Path:
+    """Local paths made absolute; URIs such as gs://bucket/run are already."""
+    return epath.Path(path) if "://" in str(path) else epath.Path(os.path.abspath(path))
 
 
 def abstract_like(state, shardings):
