@@ -90,11 +90,22 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
             raise ValueError(f"config.train.{key}={config.train[key]} must be positive")
 
 
+def make_evaluator(method, param_shardings, mesh: Mesh, batch_size: int):
+    """The method's own evaluator when it defines one (see methods/base.py), else image-text retrieval."""
+    factory = getattr(method, "make_evaluator", None)
+    if factory is not None:
+        return factory(param_shardings, mesh, batch_size)
+    return RetrievalEvaluator(method, param_shardings, mesh, batch_size)
+
+
 def evaluate_and_log(evaluator, params, eval_data, writer, step: int) -> dict[str, float]:
     results = evaluator(params, eval_data)
     writer.write(step, {f"eval/{EVAL_SET}/{key}": value for key, value in results.items()})
-    logging.info("step %d retrieval on %d held-out scenes:\n%s", step, len(eval_data.images),
-                 format_table({EVAL_SET: results}))
+    if isinstance(evaluator, RetrievalEvaluator):
+        table = format_table({EVAL_SET: results})
+    else:
+        table = "  ".join(f"{key}={value:.4g}" for key, value in results.items())
+    logging.info("step %d evaluation on %d held-out images:\n%s", step, len(eval_data.images), table)
     return results
 
 
@@ -203,7 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
                  f"{count_params(state.params):,}", time.perf_counter() - started,
                  memory.format_bytes(estimate.per_device_bytes), memory.format_bytes(estimate.available_bytes))
 
-    evaluator = RetrievalEvaluator(run.method, run.shardings.params, mesh, config.eval.batch_size)
+    evaluator = make_evaluator(run.method, run.shardings.params, mesh, config.eval.batch_size)
     writer = metrics.MetricWriter(str(workdir))
     flops_per_step = metrics.train_flops_per_step(config.model, config.train.batch_size)
     device_kind = jax.devices()[0].device_kind
@@ -263,7 +274,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     run = setup(config, {"image": eval_data.images[:1], "text": eval_data.captions[:1]})
     state, _ = checkpointer.restore(step, abstract_like(run.state, run.shardings), config)
     checkpointer.close()
-    evaluator = RetrievalEvaluator(run.method, run.shardings.params, run.mesh, config.eval.batch_size)
+    evaluator = make_evaluator(run.method, run.shardings.params, run.mesh, config.eval.batch_size)
     writer = metrics.MetricWriter(str(workdir))
     try:
         return evaluate_and_log(evaluator, state.params, eval_data, writer, step)

@@ -22,3 +22,8 @@ class Method(Protocol):
 
     def encode(self, params: PyTree, batch: Batch) -> dict[str, jax.Array]:
         """L2-normalised embeddings for evaluation: {"image": [b, d]} and/or {"text": [b, d]}."""
+
+
+# Optional: a method whose evaluation is not image-text retrieval (e.g. the VQ tokenizer) defines
+#     make_evaluator(param_shardings, mesh, batch_size) -> evaluator(params, eval_dataset) -> dict[str, float]
+# and the train loop uses it instead of the retrieval suite (`train.make_evaluator`).
