@@ -4,12 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench clean
+.PHONY: test demo lint bench clean data-emoji
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,emoji,tfds]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -23,6 +23,18 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m vlp_jax.bench --config=configs/clip.py:tiny
+
+# Real image-text data: emoji art in three styles with their CLDR/emojilib/Unicode names and keywords (licences in
+# README.md, "Real data: emoji"). The pinned npm packages go to data/emoji/npm, the shards to data/emoji/shards;
+# neither is committed.
+EMOJI_DIR := data/emoji
+EMOJI_PACKAGES := emoji-datasource@16.0.0 emoji-datasource-google@16.0.0 emoji-datasource-twitter@16.0.0 \
+	openmoji@17.0.0 emojibase-data@17.0.0 emojilib@4.0.3
+
+data-emoji: $(STAMP)
+	mkdir -p $(EMOJI_DIR)/npm
+	npm install --no-audit --no-fund --prefix $(EMOJI_DIR)/npm $(EMOJI_PACKAGES)
+	$(PY) -m vlp_jax.data.emoji --npm-dir=$(EMOJI_DIR)/npm --out=$(EMOJI_DIR)/shards --baselines
 
 clean:
 	rm -rf $(VENV) workdir

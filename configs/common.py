@@ -6,7 +6,7 @@ CLIP ViT-B/16 shape (~150M parameters) and the default when a config is given wi
 
 import ml_collections
 
-from vlp_jax.data import synthetic
+from vlp_jax.data import sources, synthetic
 
 SIZES = ("tiny", "small", "base", "large")
 
@@ -25,6 +25,26 @@ _SCALE = {
     "small": dict(steps=20_000, batch=1024, lr=1e-3, warmup=1_000, log=100, eval=2_000, ckpt=2_000, n_train=200_000),
     "base": dict(steps=100_000, batch=4096, lr=5e-4, warmup=2_000, log=100, eval=5_000, ckpt=5_000, n_train=200_000),
     "large": dict(steps=200_000, batch=8192, lr=4e-4, warmup=4_000, log=100, eval=5_000, ckpt=5_000, n_train=200_000),
+}
+
+
+# Data loading per size: worker processes, read threads, elements prefetched. Tiny runs on a 2-core CPU (CI): no
+# workers, one thread that decodes while the step runs.
+_LOADER = {
+    "tiny": dict(workers=0, threads=1, prefetch=512),
+    "small": dict(workers=8, threads=2, prefetch=1024),
+    "base": dict(workers=16, threads=2, prefetch=2048),
+    "large": dict(workers=16, threads=2, prefetch=2048),
+}
+
+
+# Evaluation per size: the subset scored during training, and retrieval tiles (CPU-cache sized for tiny,
+# accelerator sized otherwise).
+_EVAL = {
+    "tiny": dict(subset=256, query_chunk=256, gallery_chunk=4096),
+    "small": dict(subset=1000, query_chunk=2048, gallery_chunk=32768),
+    "base": dict(subset=1000, query_chunk=2048, gallery_chunk=32768),
+    "large": dict(subset=1000, query_chunk=2048, gallery_chunk=32768),
 }
 
 
@@ -76,14 +96,44 @@ def base_config(size: str) -> ml_collections.ConfigDict:
     world.image_size = config.model.image.image_size
     config.data = ml_collections.ConfigDict(
         dict(
-            source="synthetic",
+            # Comma-separated sources, each optionally '@WEIGHT' (mixing weight): 'synthetic' (the embedded
+            # world), a dataset directory from vlp_jax.data.convert ('DIR' or 'DIR:SPLIT'), a glob of ArrayRecord
+            # files, or 'tfds:NAME[:SPLIT]' (the [tfds] extra). See vlp_jax/data/sources.py.
+            train_sources="synthetic",
+            eval_sources="synthetic",
             world=world,
-            train_size=scale["n_train"],
+            train_size=scale["n_train"],  # embedded-world scenes per split
             eval_size=1_000,
+            world_dir="",  # where the world's shards are cached; empty = <workdir>/data
+            # Eval records whose labels[group_label] are equal show the same content (e.g. one emoji in several
+            # art styles): retrieval counts any of them as a hit. Empty = every image is its own group.
+            group_label="",
+            tfds=sources.default_tfds_config(),
             # Sentencepiece model file; empty = train one on the training captions into the workdir.
-            tokenizer=dict(path="", vocab_size=config.model.text.vocab_size),
+            tokenizer=dict(path="", vocab_size=config.model.text.vocab_size, max_captions=1_000_000),
+            image=dict(
+                max_pixels=50_000_000,  # larger images are skipped (decompression bombs)
+                background=(255, 255, 255),  # transparent pixels are composited over this colour
+                # Random resized crop for training: area fraction and aspect-ratio range (open_clip's scale).
+                crop_scale=(0.9, 1.0),
+                crop_ratio=(3 / 4, 4 / 3),
+                crop_tries=10,
+                resample="bilinear",
+                fast_jpeg=False,  # libjpeg-turbo's fast IDCT and chroma upsampling: a few % faster, a little less exact
+            ),
+            loader=dict(
+                worker_count=_LOADER[size]["workers"],  # grain worker processes (0 = decode in the main process)
+                read_threads=_LOADER[size]["threads"],  # reading/decoding threads per process
+                prefetch=_LOADER[size]["prefetch"],  # elements prepared ahead per process
+                worker_buffer=_LOADER[size]["prefetch"],  # elements each worker keeps ready
+                skip_log_limit=20,  # skipped records logged one by one per reason; all are counted
+            ),
         )
     )
+    if size == "tiny":
+        # The world's scenes are rendered at the model's size: a whole-image "crop" keeps every pixel and caption.
+        config.data.image.crop_scale = (1.0, 1.0)
+        config.data.image.crop_ratio = (1.0, 1.0)
 
     config.train = ml_collections.ConfigDict(
         dict(
@@ -104,7 +154,19 @@ def base_config(size: str) -> ml_collections.ConfigDict:
             max_nonfinite_steps=10,
         )
     )
-    config.eval = ml_collections.ConfigDict(dict(every=scale["eval"], batch_size=min(scale["batch"], 1024)))
+    config.eval = ml_collections.ConfigDict(
+        dict(
+            every=scale["eval"],  # steps between retrievals on the subset; the full suite runs at the end
+            batch_size=min(scale["batch"], 1024),
+            subset_size=_EVAL[size]["subset"],  # eval images (with all their captions) scored during training; 0 = all
+            # Retrieval tiles: query rows × gallery rows scored at once (memory per tile); see evaluate/retrieval.py.
+            query_chunk=_EVAL[size]["query_chunk"],
+            gallery_chunk=_EVAL[size]["gallery_chunk"],
+            zeroshot=dict(size=256),  # images per zero-shot task of the embedded world
+            unimodal=dict(max_shift=0.0625),  # image→image: the world's other view moves by up to this × image side
+            picture=dict(queries=4, top_k=5, image_px=96),  # retrieval picture: queries per direction, results, px
+        )
+    )
     # Keep the last `keep` checkpoints plus every `keep_every`-th step (0 = none extra); saves are asynchronous.
     config.checkpoint = ml_collections.ConfigDict(dict(every=scale["ckpt"], keep=3, keep_every=0, use_async=True))
     # Workdir of another run to warm-start parameters from (its latest checkpoint); empty = from scratch.

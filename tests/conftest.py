@@ -16,10 +16,15 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """One uninterrupted 30-step tiny run shared by the tests: (workdir, final metrics, metrics.jsonl records)."""
+    """One uninterrupted 30-step tiny run shared by the tests: (workdir, final metrics, metrics.jsonl records).
+
+    It scores a 16-image eval subset at steps 10 and 20 and ends with the full evaluation suite (eval/step_30.*).
+    """
     from tests.helpers import read_metrics, tiny_config
     from vlp_jax import train
 
     workdir = tmp_path_factory.mktemp("tiny_run")
-    final = train.train_and_evaluate(tiny_config(), str(workdir))
+    config = tiny_config()
+    config.eval.update(dict(every=10, subset_size=16))  # eval settings never change the trained parameters
+    final = train.train_and_evaluate(config, str(workdir))
     return workdir, final, read_metrics(workdir)

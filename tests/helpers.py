@@ -3,6 +3,7 @@
 import json
 
 import ml_collections
+import numpy as np
 
 from configs import clip
 
@@ -20,3 +21,23 @@ def tiny_config(**train_overrides) -> ml_collections.ConfigDict:
 def read_metrics(workdir) -> list[dict]:
     with open(f"{workdir}/metrics.jsonl", encoding="utf-8") as f:
         return [json.loads(line) for line in f]
+
+
+def normalised(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm."""
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def reference_ranks(queries: np.ndarray, gallery: np.ndarray, is_positive: np.ndarray) -> np.ndarray:
+    """Brute-force retrieval ranks for the evaluation tests: one full sort per query, float64 scores of the
+    float32 embeddings; among equal scores negatives come first (ties count against the model).
+
+    queries [Q, D], gallery [G, D], is_positive bool [Q, G]; returns the 1-based rank of each query's best positive.
+    """
+    queries, gallery = (np.asarray(x, np.float32).astype(np.float64) for x in (queries, gallery))
+    ranks = []
+    for query, positive in zip(queries, is_positive, strict=True):
+        scores = gallery @ query  # [G]
+        order = np.lexsort((positive, -scores))  # by score descending, then negatives before positives
+        ranks.append(1 + np.flatnonzero(positive[order])[0])
+    return np.array(ranks)

@@ -1,4 +1,5 @@
-"""Tokenizer and training iterator: whole-word pieces, no truncation of world captions, exact resume, process slices."""
+"""Tokenizer and the in-memory training iterator: whole-word pieces, no truncation of world captions, exact resume,
+process slices, JSON state."""
 
 import numpy as np
 import pytest
@@ -83,3 +84,22 @@ def test_processes_read_disjoint_slices_covering_each_epoch_once():
 def test_batch_larger_than_dataset_is_a_clear_error():
     with pytest.raises(ValueError, match=r"batch_size=64 exceeds the 40 training images"):
         TrainIterator(toy_dataset(), 64, seed=0)
+
+
+def test_image_groups_must_name_every_image():
+    dataset = toy_dataset(n=4)
+    grouped = PairDataset(dataset.images, dataset.captions, dataset.caption_image, np.array([0, 0, 1, 1]))
+    assert grouped.image_groups.tolist() == [0, 0, 1, 1] and dataset.image_groups is None
+    with pytest.raises(ValueError, match="image_groups has 3 entries for 4 images"):
+        PairDataset(dataset.images, dataset.captions, dataset.caption_image, np.array([0, 0, 1]))
+
+
+def test_in_memory_iterator_state_is_json_and_counts_batches():
+    batches = TrainIterator(toy_dataset(), 8, seed=0)
+    for _ in range(7):
+        next(batches)
+    state = batches.get_state()
+    assert state == {"next_index": {"0": 56}, "batches": 7, "skipped": {}}
+    assert (batches.epoch, batches.index, batches.batches_per_epoch) == (1, 2, 5)
+    with pytest.raises(ValueError, match="was not saved by vlp_jax.data.pipeline.TrainIterator"):
+        batches.set_state({"epoch": 1, "index": 2})

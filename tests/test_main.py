@@ -21,7 +21,8 @@ def run_main(*args):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--config=configs/nope.py"], "no config file 'configs/nope.py'. Available here: configs/clip.py"),
+        (["--config=configs/nope.py"],
+         "no config file 'configs/nope.py'. Available here: configs/brivl.py, configs/clip.py, configs/cots.py"),
         (["--config=configs/clip.py:huge"], "Unknown config variant 'huge'. Use one of tiny, small, base, large"),
         (["--config=configs/clip.py:tiny", "--config.train.bogus=3"], "config.train has no key 'bogus'. Its keys: b1"),
         (["--config=configs/clip.py:tiny", "--config.train.steps=abc"], "--config.train.steps=abc"),
@@ -44,3 +45,10 @@ def test_override_check_walks_nested_keys():
     cli.check_overrides(config, ["--config.model.image.width=64", "--workdir=x"])
     with pytest.raises(ValueError, match="config.model.image has no key 'widht'"):
         cli.check_overrides(config, ["--config.model.image.widht=64"])
+
+
+def test_checkpoint_flag_outside_eval_mode_is_refused_with_the_fix():
+    result = run_main("--config=configs/clip.py:tiny", "--checkpoint=/tmp/some_run", "--workdir=/tmp/unused")
+    assert result.returncode != 0
+    assert "--checkpoint=/tmp/some_run is only read with --mode=eval" in result.stderr
+    assert "--config.init_from" in result.stderr

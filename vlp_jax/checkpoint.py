@@ -15,8 +15,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 # Config keys a resumed run may change: they alter neither shapes, the method, nor the optimisation.
+# Config keys that may change between a checkpoint and its resumption: they never change the trained numbers
+# (the data loader's worker/prefetch settings included: the data order does not depend on them).
 RESUMABLE_CHANGES = ("eval.", "checkpoint.", "train.log_every", "train.steps", "train.device_memory_bytes",
-                     "mesh.", "init_from")
+                     "mesh.", "init_from", "data.loader.")
 ITEMS = ("state", "data", "config")
 
 

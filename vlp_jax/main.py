@@ -1,5 +1,8 @@
 """Command line: `python -m vlp_jax.main --config=configs/clip.py:tiny [--workdir=DIR] [--mode=train|eval]`.
 
+`--mode=eval` evaluates the workdir's latest checkpoint, or `--checkpoint=PATH` (a run's workdir or one of its
+checkpoints/<step> directories), and writes <workdir>/eval/step_<N>.json and .png.
+
 Intentionally short: it parses flags and calls importable functions, so a notebook can drive the same code.
 Override any config value with `--config.a.b=value`.
 """
@@ -14,6 +17,10 @@ from vlp_jax import cli
 cli.define_config_flag()
 flags.DEFINE_string("workdir", None, "Run directory; default workdir/<config>-<variant>.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "train: train and evaluate; eval: evaluate only.")
+flags.DEFINE_string(
+    "checkpoint", None, "--mode=eval only: a run directory (its latest checkpoint) or a checkpoints/<step> directory; "
+    "the report goes to --workdir, by default that run's directory."
+)
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU pods, SLURM).")
 FLAGS = flags.FLAGS
 
@@ -27,6 +34,11 @@ def default_workdir(config_arg: str) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.checkpoint and FLAGS.mode != "eval":
+        raise app.UsageError(
+            f"--checkpoint={FLAGS.checkpoint} is only read with --mode=eval; to warm-start training from another "
+            "run, use --config.init_from=RUN_DIR"
+        )
     import jax  # imported after flag parsing so --help stays fast
 
     from vlp_jax import train
@@ -34,11 +46,11 @@ def main(argv):
     if FLAGS.distributed:
         jax.distributed.initialize()
     logging.set_verbosity(logging.INFO)
-    workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
-    logging.info("process %d/%d, workdir %s", jax.process_index(), jax.process_count(), workdir)
+    workdir = FLAGS.workdir or (None if FLAGS.checkpoint else default_workdir(FLAGS["config"].config_filename))
+    logging.info("process %d/%d, workdir %s", jax.process_index(), jax.process_count(), workdir or FLAGS.checkpoint)
     try:
         if FLAGS.mode == "eval":
-            train.evaluate_checkpoint(FLAGS.config, workdir)
+            train.evaluate_checkpoint(FLAGS.config, workdir, FLAGS.checkpoint)
         else:
             train.train_and_evaluate(FLAGS.config, workdir)
     except train.Preempted as stop:

@@ -207,11 +207,27 @@ class MetricWriter:
 
         numeric = {k: v for k, v in record.items() if k != "step" and isinstance(v, int | float)}
         if self._use_tensorboard and numeric:
-            if self._tensorboard is None:
-                self._tensorboard = tensorboardX.SummaryWriter(logdir=str(self.workdir / "tensorboard"))
+            writer = self._tensorboard_writer()
             for key, value in numeric.items():
-                self._tensorboard.add_scalar(key, value, global_step=int(step))
-            self._tensorboard.flush()
+                writer.add_scalar(key, value, global_step=int(step))
+            writer.flush()
+
+    def write_image(self, step: int, tag: str, image: np.ndarray) -> None:
+        """Adds a uint8 [H, W, 3] image to TensorBoard (images are not written to the JSONL file)."""
+        if not self._use_tensorboard:
+            return
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != IMAGE_CHANNELS:
+            raise ValueError(f"image {tag!r} must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+        writer = self._tensorboard_writer()
+        writer.add_image(tag, image, global_step=int(step), dataformats="HWC")
+        writer.flush()
+
+    def _tensorboard_writer(self) -> tensorboardX.SummaryWriter:
+        """The TensorBoard writer, created on first use so runs that write nothing leave no event file."""
+        if self._tensorboard is None:
+            self._tensorboard = tensorboardX.SummaryWriter(logdir=str(self.workdir / "tensorboard"))
+        return self._tensorboard
 
     def close(self) -> None:
         self._jsonl.close()

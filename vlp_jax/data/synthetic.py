@@ -6,6 +6,13 @@ and shape and state their left-to-right order, so a single caption identifies it
 disjoint by content: a scene's signature (its objects from left to right) belongs to one split by a stable
 hash, so no eval description is ever trained on. Scene ``i`` of a split depends only on (seed, split, i).
 
+Noisy pairs: with ``world.noise_fraction`` > 0, about that fraction of TRAIN scenes carry the captions of another
+random train scene (eval scenes never do); the flag is kept as ground truth (``SyntheticSplit.noisy``, and
+``labels={"noisy": ...}`` in the records), for methods that filter noisy pairs to report how well they do.
+
+The pipeline reads the world like any other dataset: `cached_shards` writes both splits once as ArrayRecord
+shards (PNG images, every caption, boxes and tags) in a directory keyed by the world config, and reuses them.
+
 Never flip these images horizontally in a pipeline: a flip contradicts every left/right caption.
 """
 
@@ -13,12 +20,20 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import io
 import itertools
+import json
 import math
-from collections.abc import Callable
+import os
+import uuid
+from collections.abc import Callable, Iterator
 
 import ml_collections
 import numpy as np
+from etils import epath
+from PIL import Image
+
+from vlp_jax.data import records
 
 SPLITS = ("train", "eval")
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1) in pixels, half-open
@@ -36,7 +51,7 @@ _SHAPES = {
     "diamond": lambda u, v: np.abs(u) + np.abs(v) <= 1,
     "cross": lambda u, v: (np.abs(u) <= 0.4) | (np.abs(v) <= 0.4),
 }
-_SCENE_STREAM, _NOISE_STREAM = 0, 1  # independent random streams under one seed
+_SCENE_STREAM, _NOISE_STREAM, _NOISY_PAIR_STREAM = 0, 1, 2  # independent random streams under one seed
 _RENDER_PIXELS = 1 << 22  # image pixels rendered per vectorised batch; bounds the scratch memory
 
 
@@ -68,9 +83,10 @@ class Scene:
 @dataclasses.dataclass
 class SyntheticSplit:
     images: np.ndarray  # uint8 [N, H, W, 3]
-    captions: list[list[str]]
+    captions: list[list[str]]  # after noise: a noisy scene's captions describe another scene
     ids: np.ndarray  # int64 [N]
-    scenes: list[Scene]
+    scenes: list[Scene]  # the true content of each image
+    noisy: np.ndarray  # bool [N]: the captions belong to another scene
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -95,9 +111,12 @@ def default_config() -> ml_collections.ConfigDict:
     world.min_centre_gap = 0.1  # x-centres of two objects at least this far apart (fraction of image side)
     world.box_gap = 0.03  # space between any two boxes (fraction of image side, rounded to pixels)
     world.background = (30, 30, 30)
+    world.png_compress_level = 1  # zlib level of the PNG images in the world's shards: fast, still lossless
+    world.records_per_shard = 4096  # scenes per ArrayRecord shard
     world.background_noise = 6.0  # std of Gaussian grey noise on background pixels, in intensity levels
     world.layout_tries = 100  # layouts tried per object sequence before another sequence is drawn
     world.scene_tries = 10_000  # object sequences drawn per scene before the world is declared impossible
+    world.noise_fraction = 0.0  # share of train scenes whose captions are swapped for another scene's
     return world
 
 
@@ -117,15 +136,96 @@ def make_split(world: ml_collections.ConfigDict, split: str, num: int) -> Synthe
     """Generate and render ``num`` scenes of ``split``."""
     scenes = generate_scenes(world, split, num)
     images = np.empty((num, world.image_size, world.image_size, 3), np.uint8)
-    chunk = max(1, _RENDER_PIXELS // world.image_size**2)
-    for start in range(0, num, chunk):
-        images[start : start + chunk] = _render_chunk(scenes[start : start + chunk], world)
+    for start, chunk in _rendered_chunks(scenes, world):
+        images[start : start + len(chunk)] = chunk
+    captions, noisy = noisy_captions(scenes, world, split)
     return SyntheticSplit(
         images=images,
-        captions=[list(scene.captions) for scene in scenes],
+        captions=captions,
         ids=np.array([scene.id for scene in scenes], np.int64),
         scenes=scenes,
+        noisy=noisy,
     )
+
+
+def noisy_captions(
+    scenes: list[Scene], world: ml_collections.ConfigDict, split: str
+) -> tuple[list[list[str]], np.ndarray]:
+    """Each scene's captions, with a ``world.noise_fraction`` share of train scenes given another scene's.
+
+    Scene i is noisy when the i-th draw of its own stream falls below the fraction, so the flags of the first
+    scenes do not depend on how many are generated; its partner is uniform among the other scenes.
+    """
+    captions = [list(scene.captions) for scene in scenes]
+    noisy = np.zeros(len(scenes), bool)
+    if split != "train" or world.noise_fraction <= 0 or len(scenes) < 2:
+        return captions, noisy
+    rng = np.random.default_rng((world.seed, _NOISY_PAIR_STREAM))
+    noisy = rng.random(len(scenes)) < world.noise_fraction
+    shifts = 1 + (rng.random(len(scenes)) * (len(scenes) - 1)).astype(np.int64)  # in [1, n - 1]: never itself
+    for index in np.flatnonzero(noisy):
+        captions[index] = list(scenes[(index + shifts[index]) % len(scenes)].captions)
+    return captions, noisy
+
+
+def _rendered_chunks(scenes: list[Scene], world: ml_collections.ConfigDict) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, uint8 [n, H, W, 3]) for consecutive chunks of scenes: bounded scratch memory at any image size."""
+    chunk = max(1, _RENDER_PIXELS // world.image_size**2)
+    for start in range(0, len(scenes), chunk):
+        yield start, _render_chunk(scenes[start : start + chunk], world)
+
+
+def split_records(world: ml_collections.ConfigDict, split: str, num: int) -> Iterator[records.ImageTextRecord]:
+    """The records of ``num`` scenes of ``split``: lossless PNG images, all captions, boxes, tags, noisy flags.
+
+    The noisy flag is stored (``labels={"noisy": ...}``) only when the world makes noise, so only then does the
+    pipeline emit ``batch["noisy"]``.
+    """
+    scenes = generate_scenes(world, split, num)
+    captions, noisy = noisy_captions(scenes, world, split)
+    carries_flag = split == "train" and world.noise_fraction > 0
+    for start, images in _rendered_chunks(scenes, world):
+        for offset, image in enumerate(images):
+            index = start + offset
+            scene = scenes[index]
+            encoded = io.BytesIO()
+            Image.fromarray(image).save(encoded, "PNG", compress_level=world.png_compress_level)
+            yield records.ImageTextRecord(
+                id=str(scene.id),
+                image=encoded.getvalue(),
+                captions=captions[index],
+                boxes=np.array([obj.box for obj in scene.objects], np.float32),
+                tags=[obj.tag for obj in scene.objects],
+                split=split,
+                labels={"noisy": bool(noisy[index])} if carries_flag else None,
+            )
+
+
+def cached_shards(world: ml_collections.ConfigDict, sizes: dict[str, int], root: epath.PathLike) -> epath.Path:
+    """The dataset directory holding these splits of the world, written on first use and reused afterwards.
+
+    The directory name is a hash of the world config and the split sizes, so a changed world never reuses stale
+    shards. Shards are written into a private staging directory renamed into place when complete: concurrent
+    writers (several hosts, or an interrupted run) never see a half-written dataset.
+    """
+    key = json.dumps({"world": world.to_dict(), "sizes": sizes, "schema": records.SCHEMA_VERSION}, sort_keys=True)
+    final = epath.Path(root) / f"world-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    if (final / records.MANIFEST_NAME).exists():
+        return final
+    staging = epath.Path(root) / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
+    try:
+        for split, num in sizes.items():
+            records.write_records(split_records(world, split, num), staging, split, world.records_per_shard)
+        (staging / "world.json").write_text(key + "\n", encoding="utf-8")
+        try:
+            staging.rename(final)
+        except OSError:  # another process finished first: use its copy
+            if not (final / records.MANIFEST_NAME).exists():
+                raise
+    finally:
+        if staging.exists():
+            staging.rmtree()
+    return final
 
 
 def caption_vocabulary(world: ml_collections.ConfigDict) -> list[str]:

@@ -25,5 +25,6 @@ class Method(Protocol):
 
 
 # Optional: a method whose evaluation is not image-text retrieval (e.g. the VQ tokenizer) defines
-#     make_evaluator(param_shardings, mesh, batch_size) -> evaluator(params, eval_dataset) -> dict[str, float]
-# and the train loop uses it instead of the retrieval suite (`train.make_evaluator`).
+#     make_evaluator(param_shardings, mesh, batch_size) -> evaluator(params, extra, eval_dataset) -> dict[str, float]
+# and the train loop uses it instead of the retrieval suite (`train.make_evaluator`); the suite's extras (zero-shot,
+# unimodal, efficiency, the retrieval picture) apply to the retrieval suite only.

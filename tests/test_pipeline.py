@@ -1,0 +1,440 @@
+"""The grain pipeline: round trip, every bad input skipped with its count and log line, exact resume, disjoint
+process slices, determinism, mixing weights, noisy pairs, the world's shard cache, the tokenizer CLI, tfds."""
+
+import io
+import logging
+import os
+
+import msgpack
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import tiny_config
+from vlp_jax.data import examples, pipeline, records, sources, synthetic, tokenizer, transforms
+from vlp_jax.data.records import ImageTextRecord
+
+SIZE = 8  # image side of these tests' records and batches
+MAX_LEN = 12
+
+
+def image_bytes(value: int, size: int = SIZE, mode: str = "RGB", image_format: str = "PNG") -> bytes:
+    """A solid image whose pixels all equal `value` (so a batch row names its record, whatever the crop)."""
+    image = Image.new(mode, (size, size), value)
+    encoded = io.BytesIO()
+    image.save(encoded, image_format)
+    return encoded.getvalue()
+
+
+def numbered_records(count: int, offset: int = 0) -> list[ImageTextRecord]:
+    """Record i: a grey image of value offset + i and three captions naming i."""
+    return [ImageTextRecord(id=f"r{offset + i}", image=image_bytes(offset + i),
+                            captions=[f"item {offset + i}", f"thing {offset + i}", f"object {offset + i}"])
+            for i in range(count)]
+
+
+def image_options(**overrides) -> transforms.ImageOptions:
+    settings = dict(size=SIZE, max_pixels=10_000, background=(255, 255, 255), crop_scale=(0.5, 1.0),
+                    crop_ratio=(3 / 4, 4 / 3), crop_tries=10, resample=transforms.RESAMPLING["bilinear"])
+    return transforms.ImageOptions(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer(tmp_path_factory):
+    texts = [f"{word} {i}" for word in ("item", "thing", "object", "caption") for i in range(200)]
+    return tokenizer.train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "t.model", vocab_size=64)
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    """48 numbered records in 3 shards."""
+    out = tmp_path_factory.mktemp("numbered")
+    records.write_records(numbered_records(48), out, "train", records_per_shard=16)
+    return out
+
+
+def make_iterator(parts, word_tokenizer, global_batch=8, seed=0, process_index=0, process_count=1, weights=None,
+                  options=None, **image_overrides):
+    prepare = examples.TrainExamples(image_options(**image_overrides), word_tokenizer, MAX_LEN, noisy=False)
+    source = pipeline.TrainSource(parts, weights or [1.0] * len(parts), prepare)
+    return pipeline.TrainIterator(source, global_batch, seed, process_index, process_count,
+                                  options or pipeline.LoaderOptions(skip_log_limit=5))
+
+
+def open_dir(path, split="train"):
+    return sources.open_source(sources.SourceSpec(str(path), split, 1.0), "test")
+
+
+def record_numbers(batch) -> list[int]:
+    return batch["image"][:, 0, 0, 0].tolist()
+
+
+def test_round_trip_from_shards_to_batches(dataset_dir, word_tokenizer):
+    batches = make_iterator([open_dir(dataset_dir)], word_tokenizer)
+    epoch = [next(batches) for _ in range(6)]  # 48 records / 8
+    numbers = [n for batch in epoch for n in record_numbers(batch)]
+    assert sorted(numbers) == list(range(48))
+    for batch in epoch:
+        assert batch["image"].shape == (8, SIZE, SIZE, 3) and batch["image"].dtype == np.uint8
+        assert batch["text"].shape == (8, MAX_LEN) and batch["text"].dtype == np.int32
+        for number, text in zip(record_numbers(batch), word_tokenizer.decode(batch["text"]), strict=True):
+            assert text in {f"item {number}", f"thing {number}", f"object {number}"}
+        assert (batch["image"] == batch["image"][:, :1, :1, :]).all()  # a solid image stays solid under crops
+    eval_set = pipeline.read_pairs([open_dir(dataset_dir)], examples.EvalExamples(image_options(), word_tokenizer,
+                                                                                  MAX_LEN), pipeline.LoaderOptions(),
+                                   "test eval")
+    assert eval_set.images[:, 0, 0, 0].tolist() == list(range(48)) and eval_set.image_groups is None
+    assert word_tokenizer.decode(eval_set.captions[:3]) == ["item 0", "thing 0", "object 0"]
+    assert eval_set.caption_image.tolist() == np.repeat(np.arange(48), 3).tolist()
+
+
+def test_each_epoch_draws_new_captions_and_crops(tmp_path, word_tokenizer):
+    value_grid = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4  # every pixel differs: crops are visible
+    encoded = io.BytesIO()
+    Image.fromarray(np.stack([value_grid] * 3, axis=-1)).save(encoded, "PNG")
+    one = [ImageTextRecord("only", encoded.getvalue(), [f"item {i}" for i in range(10)])]
+    records.write_records(one * 8, tmp_path, "train", records_per_shard=8)
+    batches = make_iterator([open_dir(tmp_path)], word_tokenizer)
+    first, second = next(batches), next(batches)
+    assert len({t.tobytes() for t in np.concatenate([first["text"], second["text"]])}) > 3
+    assert not np.array_equal(first["image"], second["image"])
+
+
+def test_train_image_transform_is_a_random_resized_crop_within_the_configured_ranges():
+    options = image_options(size=4, crop_scale=(0.25, 0.5), crop_ratio=(0.5, 2.0))
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        x0, y0, x1, y1 = transforms.random_crop_box(40, 30, options, rng)
+        assert 0 <= x0 < x1 <= 40 and 0 <= y0 < y1 <= 30
+        assert 0.25 - 1e-9 <= (x1 - x0) * (y1 - y0) / 1200 <= 0.5 + 1e-9
+        assert 0.5 - 1e-9 <= (x1 - x0) / (y1 - y0) <= 2.0 + 1e-9
+    assert transforms.centre_square_box(40, 30) == (5, 0, 35, 30)
+    wide = Image.new("RGB", (40, 30), (9, 9, 9))
+    wide.paste((200, 0, 0), (0, 0, 5, 30))  # a red band outside the centre square
+    assert (transforms.crop_resize(wide, transforms.centre_square_box(40, 30), options) == 9).all()
+
+
+@pytest.mark.parametrize("mode,value,expected", [
+    ("L", 77, (77, 77, 77)),
+    ("1", 1, (255, 255, 255)),
+    ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
+    ("I;16", 65535, (255, 255, 255)),
+    ("I;16", 257 * 40, (40, 40, 40)),
+    ("RGBA", (10, 20, 30, 0), (255, 255, 255)),  # fully transparent: the background
+    ("RGBA", (10, 20, 30, 255), (10, 20, 30)),
+    ("LA", (50, 255), (50, 50, 50)),
+])
+def test_every_image_mode_becomes_rgb(mode, value, expected):
+    image_format = "JPEG" if mode == "CMYK" else "PNG"
+    decoded = transforms.decode_image(image_bytes(value, mode=mode, image_format=image_format), 10_000,
+                                      (255, 255, 255))
+    pixels = np.asarray(decoded)
+    assert decoded.mode == "RGB" and pixels.dtype == np.uint8
+    np.testing.assert_allclose(pixels[4, 4], expected, atol=2)  # JPEG may be off by a level
+
+
+def test_jpegs_decode_with_libjpeg_turbo_at_a_reduced_dct_scale_like_pil_at_full_size():
+    yy, xx = np.mgrid[0:96, 0:128]
+    smooth = np.stack([xx * 2, yy * 2, (xx + yy)], axis=-1).astype(np.uint8)  # gradients: little JPEG loss
+    encoded = io.BytesIO()
+    Image.fromarray(smooth).save(encoded, "JPEG", quality=95)
+    options = image_options(size=16, max_pixels=20_000)
+    turbo = transforms.eval_image(encoded.getvalue(), options)  # 96 px tall -> decoded at 1/4 scale (24 px)
+    full = transforms.decode_image(encoded.getvalue(), 20_000, (255, 255, 255))  # PIL, full size
+    reference = transforms.crop_resize(full, transforms.centre_square_box(128, 96), options)
+    assert turbo.shape == (16, 16, 3) and np.abs(turbo.astype(int) - reference).mean() < 3
+    grey = transforms.eval_image(image_bytes(90, size=16, mode="L", image_format="JPEG"), options)
+    assert np.abs(grey.astype(int) - 90).max() <= 2
+
+
+def test_palette_with_transparency_is_composited_over_the_background():
+    palette = Image.new("P", (SIZE, SIZE), 0)
+    palette.putpalette([0, 0, 255] + [0, 255, 0] * 255)
+    palette.paste(1, (0, 0, 4, SIZE))  # left half colour 1, made transparent below
+    encoded = io.BytesIO()
+    palette.save(encoded, "PNG", transparency=1)
+    pixels = np.asarray(transforms.decode_image(encoded.getvalue(), 10_000, (7, 8, 9)))
+    assert pixels[0, 0].tolist() == [7, 8, 9] and pixels[0, 7].tolist() == [0, 0, 255]
+
+
+def bad_records() -> tuple[list, dict[str, int]]:
+    """Encoded records, one per kind of bad input, and the skip counts they must produce."""
+    good = image_bytes(3)
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(noise).save(encoded, "JPEG")
+    jpeg = encoded.getvalue()  # its header is a small part: cut at 80%, the scan data is truncated
+
+    def encode(record_id, image, captions):
+        return records.encode_record(ImageTextRecord(record_id, image, captions))
+
+    bad = [
+        encode("truncated", jpeg[: len(jpeg) * 4 // 5], ["a caption"]),
+        encode("zero-bytes", b"", ["a caption"]),
+        encode("not-an-image", b"this is text, not pixels", ["a caption"]),
+        encode("bomb", image_bytes(1, size=200), ["a caption"]),  # 40,000 pixels > the 10,000 cap
+        encode("blank-captions", good, ["", "   "]),
+        msgpack.packb({"v": 1, "id": "bad-utf8", "img": good, "cap": [b"\xff\xfe"]}, use_bin_type=False),
+        msgpack.packb({"v": 1, "id": "no-image", "cap": ["a caption"]}, use_bin_type=True),
+    ]
+    expected = {"truncated_image": 1, "empty_image": 1, "not_an_image": 1, "too_many_pixels": 1,
+                "empty_caption": 1, "bad_utf8": 1, "missing_field": 1}
+    return bad, expected
+
+
+def corrupt_a_record(path) -> None:
+    """Zeroes 16 bytes among a shard's first records (they start after the 64-byte file signature): that chunk
+    fails its checksum while the index at the end of the file stays readable."""
+    data = bytearray(path.read_bytes())
+    data[512:528] = bytes(16)
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def bad_dir(tmp_path_factory):
+    """Shard 0: 16 good records and every bad record; shard 1: 16 good records, one of them then corrupted."""
+    out = tmp_path_factory.mktemp("bad")
+    bad, _ = bad_records()
+    good = [records.encode_record(r) for r in numbered_records(32)]
+    records.write_shard(out / "bad-00000.array_record", good[:16] + bad)
+    records.write_shard(out / "bad-00001.array_record", good[16:])
+    corrupt_a_record(out / "bad-00001.array_record")
+    return out
+
+
+def expected_skips(part) -> dict[str, int]:
+    _, expected = bad_records()
+    corrupt = sum(isinstance(item, sources.Skipped) and item.reason == "corrupt_shard"
+                  for item in (part[i] for i in range(len(part))))
+    assert corrupt >= 1  # the records of the damaged chunk(s)
+    return {**expected, "corrupt_shard": corrupt}
+
+
+def test_bad_records_are_skipped_counted_and_logged(bad_dir, word_tokenizer, caplog):
+    part = sources.open_source(sources.SourceSpec(str(bad_dir / "bad-*.array_record"), "train", 1.0), "test")
+    expected = expected_skips(part)
+    skips = pipeline.SkipLog(limit=5)
+    with caplog.at_level(logging.WARNING):
+        pairs = pipeline.read_pairs([part], examples.EvalExamples(image_options(), word_tokenizer, MAX_LEN),
+                                    pipeline.LoaderOptions(), "test", skips)
+    assert dict(skips.counts) == expected  # each record read once: exact counts
+    assert sorted(pairs.images[:, 0, 0, 0].tolist()) == sorted(set(pairs.images[:, 0, 0, 0].tolist()))
+    assert len(pairs) == len(part) - sum(expected.values())
+    log = caplog.text
+    shard = bad_dir / "bad-00000.array_record"
+    for position, (record_id, reason) in enumerate([
+        ("truncated", "truncated_image"), ("zero-bytes", "empty_image"), ("not-an-image", "not_an_image"),
+        ("bomb", "too_many_pixels"), ("blank-captions", "empty_caption"), ("bad-utf8", "bad_utf8"),
+        ("no-image", "missing_field"),
+    ], start=16):
+        assert f"skipped record {record_id} at {shard} #{position}: {reason}: " in log
+    assert f"at {bad_dir / 'bad-00001.array_record'} #2: corrupt_shard: Corrupted Riegeli" in log
+    assert "config.data.image.max_pixels=10,000" in log
+
+
+def test_training_skips_bad_records_and_counts_them(bad_dir, word_tokenizer, caplog):
+    part = sources.open_source(sources.SourceSpec(str(bad_dir / "bad-*.array_record"), "train", 1.0), "test")
+    expected = expected_skips(part)
+    batches = make_iterator([part], word_tokenizer, global_batch=4)
+    with caplog.at_level(logging.WARNING):
+        while batches.get_state()["next_index"]["0"] < len(part):  # at least one whole epoch
+            numbers = record_numbers(next(batches))
+            assert set(numbers) <= set(range(32))  # only good records reach a batch
+    metrics = batches.skip_metrics()  # what train.py adds to the scalars at each log step
+    counts = {key.removeprefix("data/skipped/"): value for key, value in metrics.items()}
+    assert all(key.startswith("data/skipped/") for key in metrics) and counts.keys() == expected.keys()
+    assert all(expected[reason] <= counts[reason] <= 2 * expected[reason] for reason in expected)  # < 2 epochs
+    assert "skipped record bomb at " in caplog.text
+
+
+def test_sources_that_cannot_be_read_are_clear_errors_at_start(tmp_path, dataset_dir):
+    with pytest.raises(FileNotFoundError, match=r"test: the glob .*/nothing-\*\.array_record matches no file"):
+        sources.open_source(sources.SourceSpec(str(tmp_path / "nothing-*.array_record"), "train", 1.0), "test")
+    truncated = tmp_path / "truncated.array_record"
+    truncated.write_bytes((dataset_dir / "train-00000-of-00003.array_record").read_bytes()[:500])
+    with pytest.raises(records.ShardError, match=rf"{truncated} is not a readable ArrayRecord file"):
+        sources.open_source(sources.SourceSpec(str(truncated), "train", 1.0), "test")
+    with pytest.raises(records.ManifestError, match="manifest.json does not exist"):
+        sources.open_source(sources.SourceSpec(str(tmp_path), "train", 1.0), "config.data.train_sources")
+    with pytest.raises(records.ManifestError, match="has no split 'val'"):
+        open_dir(dataset_dir, split="val")
+
+
+def test_source_specs_parse_paths_splits_weights_and_tfds():
+    parsed = sources.parse_specs("/data/coco:val@2, gs://b/x/*.array_record@0.5, tfds:coco:train[:10%], synthetic",
+                                 "train", "flag")
+    assert [(s.location, s.split, s.weight) for s in parsed] == [
+        ("/data/coco", "val", 2.0), ("gs://b/x/*.array_record", "train", 0.5), ("tfds:coco", "train[:10%]", 1.0),
+        ("synthetic", "train", 1.0)]
+    with pytest.raises(ValueError, match="flag is empty"):
+        sources.parse_specs(" ", "train", "flag")
+
+
+def test_restored_iterator_yields_the_same_batches(dataset_dir, word_tokenizer):
+    reference = make_iterator([open_dir(dataset_dir)], word_tokenizer)
+    expected = [next(reference) for _ in range(14)]  # 6 batches per epoch: crosses two epoch boundaries
+    interrupted = make_iterator([open_dir(dataset_dir)], word_tokenizer)
+    for _ in range(9):  # mid-epoch
+        next(interrupted)
+    state = interrupted.get_state()
+    assert state == {"next_index": {"0": 72}, "batches": 9, "skipped": {}}
+    resumed = make_iterator([open_dir(dataset_dir)], word_tokenizer)
+    resumed.set_state(state)
+    for want in expected[9:]:
+        got = next(resumed)
+        np.testing.assert_array_equal(got["image"], want["image"])
+        np.testing.assert_array_equal(got["text"], want["text"])
+
+
+def test_restore_continues_the_skip_counts(bad_dir, word_tokenizer):
+    part = sources.open_source(sources.SourceSpec(str(bad_dir / "bad-00000.array_record"), "train", 1.0), "test")
+    first = make_iterator([part], word_tokenizer, global_batch=4)
+    for _ in range(8):
+        next(first)
+    state = first.get_state()
+    resumed = make_iterator([part], word_tokenizer, global_batch=4)
+    resumed.set_state(state)
+    for _ in range(4):
+        np.testing.assert_array_equal(next(resumed)["image"], next(first)["image"])
+    assert resumed.get_state() == first.get_state()
+
+
+def test_two_processes_read_disjoint_slices_that_cover_each_epoch_once(dataset_dir, word_tokenizer):
+    single = make_iterator([open_dir(dataset_dir)], word_tokenizer)
+    hosts = [make_iterator([open_dir(dataset_dir)], word_tokenizer, process_index=p, process_count=2)
+             for p in range(2)]
+    for _ in range(2):  # two epochs of 6 global batches
+        epoch = []
+        for _ in range(6):
+            halves = [next(host) for host in hosts]
+            assert len(halves[0]["image"]) == 4
+            assert not set(record_numbers(halves[0])) & set(record_numbers(halves[1]))
+            whole = next(single)  # a global batch holds the same examples whatever the process count
+            assert sorted(record_numbers(halves[0]) + record_numbers(halves[1])) == sorted(record_numbers(whole))
+            texts = np.concatenate([h["text"] for h in halves])
+            assert sorted(map(bytes, texts)) == sorted(map(bytes, whole["text"]))
+            epoch += record_numbers(halves[0]) + record_numbers(halves[1])
+        assert sorted(epoch) == list(range(48))
+
+
+def test_same_seed_same_order_other_seed_other_order(dataset_dir, word_tokenizer):
+    def first_epoch(seed):
+        batches = make_iterator([open_dir(dataset_dir)], word_tokenizer, seed=seed)
+        return [n for _ in range(6) for n in record_numbers(next(batches))]
+
+    assert first_epoch(3) == first_epoch(3)
+    assert first_epoch(3) != first_epoch(4) and sorted(first_epoch(4)) == list(range(48))
+
+
+def test_mixing_weights_are_honoured(tmp_path, word_tokenizer):
+    records.write_records(numbered_records(60), tmp_path / "a", "train", records_per_shard=64)
+    records.write_records(numbered_records(60, offset=100), tmp_path / "b", "train", records_per_shard=64)
+    batches = make_iterator([open_dir(tmp_path / "a"), open_dir(tmp_path / "b")], word_tokenizer, weights=[3, 1])
+    numbers = [n for _ in range(8) for n in record_numbers(next(batches))]
+    from_a = sum(n < 100 for n in numbers)
+    assert from_a == 48 and len(set(numbers)) == 64  # exactly 3:1, no element repeated within the mixture epoch
+
+
+def test_worker_processes_give_the_same_batches(dataset_dir, word_tokenizer):
+    in_process = make_iterator([open_dir(dataset_dir)], word_tokenizer)
+    workers = make_iterator([open_dir(dataset_dir)], word_tokenizer, options=pipeline.LoaderOptions(worker_count=2))
+    try:
+        for _ in range(3):
+            np.testing.assert_array_equal(next(workers)["text"], next(in_process)["text"])
+        state = workers.get_state()
+        after = next(workers)
+        workers.set_state(state)
+        np.testing.assert_array_equal(next(workers)["image"], after["image"])
+    finally:
+        workers.close()
+
+
+def world_config(tmp_path, noise_fraction):
+    config = tiny_config(batch_size=16)
+    config.data.train_size, config.data.eval_size = 96, 16
+    config.data.world.noise_fraction = noise_fraction
+    config.data.world_dir = str(tmp_path / "worlds")
+    return config
+
+
+def test_noisy_pairs_carry_their_flag_into_training_batches(tmp_path):
+    config = world_config(tmp_path, noise_fraction=0.25)
+    data = pipeline.load(config, tmp_path)
+    flags = np.concatenate([next(data.train)["noisy"] for _ in range(6)])  # one epoch
+    split = synthetic.make_split(config.data.world, "train", 96)
+    assert flags.dtype == bool and flags.sum() == split.noisy.sum() and 10 <= split.noisy.sum() <= 40
+    for index in np.flatnonzero(split.noisy):
+        assert split.captions[index] != list(split.scenes[index].captions)
+    assert not synthetic.make_split(config.data.world, "eval", 16).noisy.any()
+    clean = pipeline.load(world_config(tmp_path, noise_fraction=0.0), tmp_path / "clean")
+    assert "noisy" not in next(clean.train)
+
+
+def test_world_shards_are_cached_by_config(tmp_path):
+    world = synthetic.default_config()
+    first = synthetic.cached_shards(world, {"train": 8, "eval": 4}, tmp_path)
+    stamp = os.stat(first / records.MANIFEST_NAME).st_mtime_ns
+    assert synthetic.cached_shards(world, {"train": 8, "eval": 4}, tmp_path) == first
+    assert os.stat(first / records.MANIFEST_NAME).st_mtime_ns == stamp  # reused, not rewritten
+    world.seed = 1
+    assert synthetic.cached_shards(world, {"train": 8, "eval": 4}, tmp_path) != first
+    stored = list(records.read_split(first, "train"))
+    rendered = synthetic.make_split(synthetic.default_config(), "train", 8)
+    for record, image, captions in zip(stored, rendered.images, rendered.captions, strict=True):
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(record.image))), image)  # lossless
+        assert record.captions == captions and record.boxes.shape == (3, 4) and record.labels is None
+
+
+def test_eval_image_groups_come_from_the_group_label(tmp_path, word_tokenizer):
+    styles = [ImageTextRecord(f"e{i}", image_bytes(i), [f"item {i // 2}"], labels={"group": f"emoji-{i // 2}"})
+              for i in range(6)]
+    records.write_records(styles, tmp_path, "eval", records_per_shard=8)
+    prepare = examples.EvalExamples(image_options(), word_tokenizer, MAX_LEN, group_label="group")
+    pairs = pipeline.read_pairs([open_dir(tmp_path, "eval")], prepare, pipeline.LoaderOptions(), "test")
+    assert pairs.image_groups.tolist() == [0, 0, 1, 1, 2, 2]
+    ungrouped = examples.EvalExamples(image_options(), word_tokenizer, MAX_LEN)
+    assert pipeline.read_pairs([open_dir(tmp_path, "eval")], ungrouped, pipeline.LoaderOptions(), "test"
+                               ).image_groups is None
+
+
+def test_tokenizer_cli_trains_from_shards(dataset_dir, tmp_path, capsys):
+    out = tmp_path / "cli.model"
+    assert tokenizer.main(["train", f"--shards={dataset_dir}", "--vocab-size=64", f"--out={out}"]) == 0
+    trained = tokenizer.Tokenizer(out)
+    assert trained.decode(trained.encode(["item 7"], 8)) == ["item 7"]
+    assert f"--config.data.tokenizer.path={out}" in capsys.readouterr().out
+    assert tokenizer.main(["train", f"--shards={tmp_path}/none-*", "--vocab-size=64", f"--out={out}"]) == 2
+    assert "matches no file" in capsys.readouterr().err
+
+
+def test_tfds_array_record_source_reads_without_tensorflow(tmp_path, word_tokenizer):
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    class TinyPairs(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3)),
+                "captions": tfds.features.Sequence(tfds.features.Text()),
+            })
+            return tfds.core.DatasetInfo(builder=self, features=features)
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(12):
+                yield i, {"image": image_bytes(i), "captions": [f"item {i}", f"thing {i}"]}
+
+    TinyPairs(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    tfds_config = sources.default_tfds_config()
+    tfds_config.data_dir = str(tmp_path)
+    (spec,) = sources.parse_specs("tfds:tiny_pairs", "train", "test")
+    part = sources.open_source(spec, "test", tfds_config)
+    batches = make_iterator([part], word_tokenizer, global_batch=4)
+    numbers = [n for _ in range(3) for n in record_numbers(next(batches))]
+    assert sorted(numbers) == list(range(12))
+    assert "tensorflow" not in __import__("sys").modules
+    with pytest.raises(FileNotFoundError, match="tfds dataset 'missing'"):
+        sources.open_source(sources.SourceSpec("tfds:missing", "train", 1.0), "test", tfds_config)
