@@ -1,7 +1,19 @@
-"""`python -m vlp_jax.bench --config=configs/clip.py:tiny`: compile time, step time, pairs/s, MFU, peak memory.
+"""Benchmarks: `python -m vlp_jax.bench --config=configs/clip.py:tiny` (the train step),
+`python -m vlp_jax.bench data` (the input pipeline) and `python -m vlp_jax.bench retrieval` (evaluation memory).
 
-Runs the real jitted train step on random inputs of the config's shapes (no dataset needed), so the figures
-are the model's and the sharding's alone.
+The step benchmark runs the real jitted train step on random inputs of the config's shapes (no dataset needed),
+so its figures are the model's and the sharding's alone: compile time, step time, pairs/s, MFU, peak memory.
+
+The data benchmark (vlp_jax/data/benchmark.py) writes JPEG shards (--data_images images of --data_source_size,
+textured like photographs, with world captions), then measures images/s per core of the training pipeline (read,
+decode, random resized crop to the config's image size, tokenise, batch) with each worker count of
+--data_workers, and in the same run the plain PIL decode rate of the same JPEGs on one core, and prints their
+ratio. Its config defaults to configs/clip.py:base (224 px).
+
+The retrieval benchmark (vlp_jax/evaluate/benchmark.py) scores exact image↔text retrieval (both directions) of
+--retrieval_images random unit embeddings against --retrieval_texts captions, with the config's tiles
+(config.eval.query_chunk × gallery_chunk) and mesh, and prints its time and the process's peak RSS beside the
+size of the score matrix it never builds. Its config defaults to configs/clip.py:tiny.
 """
 
 import resource
@@ -13,12 +25,30 @@ import numpy as np
 from absl import app, flags
 
 from vlp_jax import cli, metrics, parallel, train
+from vlp_jax.data import benchmark as benchmark_data
+from vlp_jax.evaluate import benchmark as benchmark_retrieval
+from vlp_jax.methods.cots import RANDOM_TOKENIZER
 from vlp_jax.state import count_params
 
 cli.define_config_flag()
 flags.DEFINE_integer("steps", 20, "Timed steps after warm-up.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+flags.DEFINE_integer("data_images", 1024, "data: JPEG images written to the benchmark shards.")
+flags.DEFINE_string("data_source_size", "500x375", "data: WIDTHxHEIGHT of the JPEGs (ImageNet's typical size).")
+flags.DEFINE_integer("data_quality", 90, "data: JPEG quality.")
+flags.DEFINE_list("data_workers", ["0", "1", "2"], "data: worker counts to measure.")
+flags.DEFINE_integer("data_batch", 64, "data: batch size of the measured iterator.")
+flags.DEFINE_float("data_seconds", 5.0, "data: seconds each measurement runs at least.")
+flags.DEFINE_string("data_dir", "", "data: where to write the shards; empty = a temporary directory.")
+flags.DEFINE_integer("retrieval_images", 200_000, "retrieval: images (image→text queries, text→image gallery).")
+flags.DEFINE_integer("retrieval_texts", 1_000_000, "retrieval: captions, spread evenly over the images.")
+flags.DEFINE_integer("retrieval_dim", 0, "retrieval: embedding dimension; 0 = the config's model.embed_dim.")
+flags.DEFINE_float("retrieval_noise", 1.0, "retrieval: std of the noise added to an image's embedding per caption.")
 FLAGS = flags.FLAGS
+DATA_COMMAND = "data"
+DATA_DEFAULT_CONFIG = "configs/clip.py:base"
+RETRIEVAL_COMMAND = "retrieval"
+RETRIEVAL_DEFAULT_CONFIG = "configs/clip.py:tiny"
 
 
 def random_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -64,9 +94,48 @@ def benchmark(config, steps: int, warmup: int) -> dict[str, float | None]:
     }
 
 
+def data_benchmark(config) -> None:
+    width, height = (int(side) for side in FLAGS.data_source_size.lower().split("x"))
+    spec = benchmark_data.DataBenchmark(
+        count=FLAGS.data_images, size=(width, height), quality=FLAGS.data_quality,
+        workers=tuple(int(w) for w in FLAGS.data_workers), batch=FLAGS.data_batch, seconds=FLAGS.data_seconds,
+        data_dir=FLAGS.data_dir,
+    )
+    for line in benchmark_data.run(config, spec):
+        print(line)
+
+
+def print_retrieval_benchmark(config) -> None:
+    dim = FLAGS.retrieval_dim or config.model.embed_dim
+    images, texts = FLAGS.retrieval_images, FLAGS.retrieval_texts
+    device = jax.devices()[0]
+    print(f"retrieval: {images:,} images x {texts:,} texts, dim {dim}, both directions; tiles "
+          f"{config.eval.query_chunk} x {config.eval.gallery_chunk}; {jax.device_count()} x {device.device_kind}")
+    results = benchmark_retrieval.run(config, images, texts, dim, FLAGS.retrieval_noise)
+    gib = 2**30
+    print(f"time                  {results['seconds']:.1f} s  ({results['scores_per_s'] / 1e9:.2f} G scores/s)")
+    print(f"recall                i2t R@1 {results['i2t_r1']:.2f}%  t2i R@1 {results['t2i_r1']:.2f}%  "
+          f"median ranks {results['i2t_median_rank']:g} / {results['t2i_median_rank']:g}")
+    print(f"embeddings            {results['embedding_bytes'] / gib:.2f} GiB")
+    print(f"score matrix (never built) {results['score_matrix_bytes'] / gib:,.1f} GiB")
+    print(f"peak host RSS         {results['peak_rss_bytes'] / gib:.2f} GiB "
+          f"(before scoring: {results['peak_rss_before_bytes'] / gib:.2f} GiB)")
+
+
 def main(argv):
-    del argv
+    if argv[1:] == [DATA_COMMAND]:
+        data_benchmark(FLAGS.config)
+        return
+    if argv[1:] == [RETRIEVAL_COMMAND]:
+        print_retrieval_benchmark(FLAGS.config)
+        return
+    if len(argv) > 1:
+        raise app.UsageError(
+            f"Unexpected arguments: {' '.join(argv[1:])}; the commands are '{DATA_COMMAND}' and '{RETRIEVAL_COMMAND}'"
+        )
     config = FLAGS.config
+    if "mvm" in config.method and not config.method.mvm.tokenizer:
+        config.method.mvm.tokenizer = RANDOM_TOKENIZER  # step time does not depend on what the codes mean
     device = jax.devices()[0]
     print(f"device: {jax.device_count()} x {device.device_kind} ({device.platform}); dtype {config.model.dtype}; "
           f"global batch {config.train.batch_size}; mesh {dict(config.mesh)}")
@@ -85,5 +154,14 @@ def main(argv):
     print(f"peak host RSS         {results['peak_host_rss_bytes'] / gib:.2f} GiB")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """`data` without --config benchmarks the 224 px preset, `retrieval` the tiny one."""
+    defaults = {DATA_COMMAND: DATA_DEFAULT_CONFIG, RETRIEVAL_COMMAND: RETRIEVAL_DEFAULT_CONFIG}
+    command = next((arg for arg in argv[1:] if arg in defaults), None)
+    if command and not any(arg.startswith("--config") for arg in argv):
+        argv = [*argv, f"--config={defaults[command]}"]
+    return cli.parse_flags(argv)
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(main, flags_parser=parse_flags)

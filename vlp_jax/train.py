@@ -17,14 +17,16 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from vlp_jax import memory, methods, metrics, parallel
-from vlp_jax.checkpoint import Checkpointer, abstract_like, open_existing
+from vlp_jax.checkpoint import Checkpointer, absolute, abstract_like, open_existing
 from vlp_jax.data import pipeline
-from vlp_jax.evaluate.embeddings import RetrievalEvaluator
+from vlp_jax.data.tokenizer import Tokenizer
 from vlp_jax.evaluate.retrieval import format_table
+from vlp_jax.evaluate.suite import EvalSuite, first_images, save_report
 from vlp_jax.optimizer import learning_rate_schedule, make_optimizer
 from vlp_jax.state import TrainState, count_params, create_train_state
 
 EVAL_SET = "embedded"  # the synthetic world's held-out scenes
+EVAL_DIR = "eval"  # <workdir>/eval/step_<N>.json and .png: the full evaluation's report and retrieval picture
 
 
 def make_train_step(method, tx: optax.GradientTransformation, schedule, state_shardings: TrainState, mesh):
@@ -90,23 +92,72 @@ def validate(config: ml_collections.ConfigDict, mesh) -> None:
             raise ValueError(f"config.train.{key}={config.train[key]} must be positive")
 
 
-def make_evaluator(method, param_shardings, mesh: Mesh, batch_size: int):
-    """The method's own evaluator when it defines one (see methods/base.py), else image-text retrieval."""
+def make_evaluator(method, param_shardings, mesh: Mesh, config: ml_collections.ConfigDict, tokenizer: Tokenizer):
+    """The method's own evaluator when it defines one (see methods/base.py), else the retrieval suite.
+
+    Either is called as evaluator(params, extra, eval_dataset) -> dict[str, float].
+    """
     factory = getattr(method, "make_evaluator", None)
     if factory is not None:
-        return factory(param_shardings, mesh, batch_size)
-    return RetrievalEvaluator(method, param_shardings, mesh, batch_size)
+        return factory(param_shardings, mesh, config.eval.batch_size)
+    return EvalSuite(method, param_shardings, mesh, config, tokenizer)
 
 
-def evaluate_and_log(evaluator, params, eval_data, writer, step: int) -> dict[str, float]:
-    results = evaluator(params, eval_data)
-    writer.write(step, {f"eval/{EVAL_SET}/{key}": value for key, value in results.items()})
-    if isinstance(evaluator, RetrievalEvaluator):
-        table = format_table({EVAL_SET: results})
+def evaluate_and_log(evaluator, state: TrainState, eval_data, writer, step: int, name: str = EVAL_SET):
+    """Scores `eval_data` (named `name` in the logs and as eval/<name>/<metric>) and returns the results."""
+    results = evaluator(state.params, state.extra, eval_data)
+    writer.write(step, {f"eval/{name}/{key}": value for key, value in results.items()})
+    if isinstance(evaluator, EvalSuite):
+        table = format_table({name: results})
     else:
         table = "  ".join(f"{key}={value:.4g}" for key, value in results.items())
     logging.info("step %d evaluation on %d held-out images:\n%s", step, len(eval_data.images), table)
     return results
+
+
+def evaluate_fully(
+    evaluator, state: TrainState, eval_data, writer, step: int, workdir: epath.Path, checkpoint: str
+) -> dict[str, float]:
+    """The end-of-run evaluation, also `--mode=eval`; returns the eval set's retrieval metrics.
+
+    With the retrieval suite: retrieval, unimodal, zero-shot and efficiency (see evaluate/suite.py) as scalars,
+    the retrieval picture in TensorBoard, and <workdir>/eval/step_<step>.json / .png. A method's own evaluator:
+    its results, also as the JSON report. `checkpoint` names the evaluated checkpoint in the report.
+    """
+    directory = workdir / EVAL_DIR
+    if not isinstance(evaluator, EvalSuite):
+        results = evaluate_and_log(evaluator, state, eval_data, writer, step)
+        if jax.process_index() == 0:
+            save_report(directory, step, {"checkpoint": checkpoint, "sets": {EVAL_SET: results}})
+        return results
+    evaluation = evaluator.full(state.params, eval_data, EVAL_SET)
+    writer.write(step, evaluation.scalars())
+    writer.write_image(step, f"eval/{EVAL_SET}/retrieval", evaluation.picture)
+    if jax.process_index() == 0:
+        report = save_report(directory, step, {"checkpoint": checkpoint, **evaluation.report}, evaluation.picture)
+        logging.info("step %d full evaluation (report %s):\n%s", step, report, evaluation.summary())
+    return evaluation.report["sets"][EVAL_SET]["retrieval"]
+
+
+def find_checkpoint(path: str, flag: str) -> tuple[epath.Path, int]:
+    """(run directory, step) of `path`: a run's workdir (its latest checkpoint) or one <workdir>/checkpoints/<step>.
+
+    `flag` names the command-line flag `path` came from, for the error messages.
+    """
+    path = absolute(path)
+    if (path / "checkpoints").is_dir():
+        checkpointer = Checkpointer(path, ml_collections.ConfigDict(dict(keep=None, keep_every=0, use_async=False)))
+        latest = checkpointer.latest_step()
+        checkpointer.close()
+        if latest is None:
+            raise FileNotFoundError(f"{flag}={path} holds no complete checkpoint to evaluate; train first")
+        return path, latest
+    if path.name.isdigit() and path.parent.name == "checkpoints" and path.is_dir():
+        return path.parent.parent, int(path.name)
+    raise FileNotFoundError(
+        f"{flag}={path} is neither a run directory (holding checkpoints/) nor one of its checkpoints "
+        "(<workdir>/checkpoints/<step>); pass one of those, or train first (--mode=train)"
+    )
 
 
 @dataclasses.dataclass
@@ -197,13 +248,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
     None: later invocations resume. A SIGTERM/SIGINT saves the step in flight and raises Preempted.
     """
     workdir = prepare_workdir(workdir)
-    train_data, eval_data, _ = pipeline.load_synthetic(config, workdir)
-    logging.info("data: %d train / %d eval images, %d / %d captions", len(train_data), len(eval_data),
-                 len(train_data.captions), len(eval_data.captions))
-    run = setup(config, {"image": train_data.images[:1], "text": train_data.captions[:1]})
+    config = methods.prepare(config, workdir, train_and_evaluate)  # earlier stages, e.g. COTS's visual tokenizer
+    data = pipeline.load(config, workdir)
+    batches, eval_data = data.train, data.eval
+    logging.info("data: %d training examples per epoch from %s; %d eval images, %d captions", batches.epoch_length,
+                 config.data.train_sources, len(eval_data), len(eval_data.captions))
+    run = setup(config, {"image": eval_data.images[:1], "text": eval_data.captions[:1]})
     mesh = run.mesh
     logging.info("mesh %s over %d %s devices", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
-    batches = pipeline.TrainIterator(train_data, config.train.batch_size, config.seed)
     checkpointer = Checkpointer(workdir, config.checkpoint)
     state = restore_or_init(run, checkpointer, batches, config)
     step = int(state.step)
@@ -214,7 +266,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
                  f"{count_params(state.params):,}", time.perf_counter() - started,
                  memory.format_bytes(estimate.per_device_bytes), memory.format_bytes(estimate.available_bytes))
 
-    evaluator = make_evaluator(run.method, run.shardings.params, mesh, config.eval.batch_size)
+    evaluator = make_evaluator(run.method, run.shardings.params, mesh, config, data.tokenizer)
+    eval_subset = first_images(eval_data, config.eval.subset_size)  # scored every config.eval.every steps
+    subset_name = EVAL_SET if eval_subset is eval_data else f"{EVAL_SET}_subset"
     writer = metrics.MetricWriter(str(workdir))
     flops_per_step = metrics.train_flops_per_step(config.model, config.train.batch_size)
     device_kind = jax.devices()[0].device_kind
@@ -227,13 +281,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
         while step < last_step:
             state, step_metrics = compiled(state, batch)
             step += 1
-            data_state = batches.get_state()  # the position after this step's batch, before prefetching
             if pending is not None:
                 check_nonfinite(*pending, config, checkpointer)
             pending = (step, step_metrics["nonfinite_streak"])
             stopping = stop_signal.requested()
             if step % config.checkpoint.every == 0 or stopping or step == last_step:
-                checkpointer.save(step, state, data_state, config)
+                # The data position after this step's batch, before the next one is fetched.
+                checkpointer.save(step, state, batches.get_state(), config)
             if stopping:
                 checkpointer.wait()
                 raise Preempted(step, signal.Signals(stop_signal.received).name)
@@ -243,41 +297,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
                 scalars = {f"train/{k}": float(v) for k, v in jax.device_get(step_metrics).items()}
                 throughput.mark(step, time.perf_counter())
                 scalars["train/pairs_per_sec"] = throughput.pairs_per_sec
+                scalars.update(batches.skip_metrics())  # data/skipped/<reason>, counted since the run began
                 scalars["train/mfu"] = metrics.mfu(
                     flops_per_step, throughput.step_seconds, device_kind, config.model.dtype, mesh.size
                 )
                 writer.write(step, scalars)
                 logging.info(metrics.format_console(step, config.train.steps, {**scalars, "eta": throughput.eta()}))
             if step % config.eval.every == 0 and step < config.train.steps:
-                evaluate_and_log(evaluator, state.params, eval_data, writer, step)
+                evaluate_and_log(evaluator, state, eval_subset, writer, step, subset_name)
                 throughput.mark(step, time.perf_counter())  # evaluation time is not training time
         if pending is not None:
             check_nonfinite(*pending, config, checkpointer)
         if step < config.train.steps:
             return None
-        return evaluate_and_log(evaluator, state.params, eval_data, writer, step)
+        checkpoint = str(checkpointer.directory / str(step))
+        return evaluate_fully(evaluator, state, eval_data, writer, step, workdir, checkpoint)
     finally:
+        batches.close()
         stop_signal.restore()
         checkpointer.wait()
         checkpointer.close()
         writer.close()
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Evaluates the latest checkpoint in `workdir` on the held-out set (`--mode=eval`)."""
-    workdir = epath.Path(workdir)
-    checkpointer = Checkpointer(workdir, config.checkpoint)
-    step = checkpointer.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"--workdir={workdir} holds no checkpoint to evaluate; train first (--mode=train)")
-    _, eval_data, _ = pipeline.load_synthetic(config, workdir)
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict, workdir: str | None, checkpoint: str | None = None
+) -> dict[str, float]:
+    """`--mode=eval`: the full evaluation (`evaluate_fully`) of a checkpoint; returns the retrieval metrics.
+
+    The checkpoint: `checkpoint` (a run's workdir, meaning its latest checkpoint, or one of its
+    checkpoints/<step> directories), by default the latest in `workdir`. The report and picture go to
+    <workdir>/eval/; without `workdir`, to the evaluated run's.
+    """
+    run_dir, step = find_checkpoint(checkpoint, "--checkpoint") if checkpoint else find_checkpoint(workdir, "--workdir")
+    workdir = absolute(workdir) if workdir else run_dir
+    config = methods.prepare(config, run_dir, None)
+    tokenizer = pipeline.load_tokenizer(config, run_dir, pipeline.open_sources(config, "train", run_dir)[0])
+    eval_data = pipeline.load_eval(config, run_dir, tokenizer)
     run = setup(config, {"image": eval_data.images[:1], "text": eval_data.captions[:1]})
+    checkpointer = Checkpointer(run_dir, config.checkpoint)
     state, _ = checkpointer.restore(step, abstract_like(run.state, run.shardings), config)
     checkpointer.close()
-    evaluator = make_evaluator(run.method, run.shardings.params, run.mesh, config.eval.batch_size)
+    evaluator = make_evaluator(run.method, run.shardings.params, run.mesh, config, tokenizer)
     writer = metrics.MetricWriter(str(workdir))
     try:
-        return evaluate_and_log(evaluator, state.params, eval_data, writer, step)
+        checkpoint_dir = str(checkpointer.directory / str(step))
+        return evaluate_fully(evaluator, state, eval_data, writer, step, workdir, checkpoint_dir)
     finally:
         writer.close()
 

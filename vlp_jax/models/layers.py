@@ -31,6 +31,16 @@ def layer_norm(dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
     )
 
 
+class MaskEmbedding(nn.Module):
+    """Replaces the embeddings at masked positions with one learned vector: x [b, t, d], mask bool [b, t]."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        embedding = self.param("embedding", partitioned(nn.initializers.normal(stddev=0.02), ("embed",)),
+                               (x.shape[-1],))
+        return jnp.where(mask[..., None], embedding.astype(x.dtype), x)
+
+
 class MlpBlock(nn.Module):
     """Two dense layers with GELU: [b, t, d] -> [b, t, mlp_dim] -> [b, t, d]."""
 

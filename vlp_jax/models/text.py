@@ -4,14 +4,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlp_jax.models.layers import Dtype, Encoder, constrain, partitioned
+from vlp_jax.models.layers import Dtype, Encoder, MaskEmbedding, constrain, partitioned
 
 
 class TextTransformer(nn.Module):
     """tokens int32 [b, l] (0 = pad) -> (pooled [b, width], {"tokens": [b, l, width], "mask": [b, l]}).
 
     Pooling 'eos' takes the last non-pad token (the EOS the tokenizer appends), 'cls' the first (BOS),
-    'mean' the average over non-pad tokens.
+    'mean' the average over non-pad tokens. `token_mask` bool [b, l] replaces those token embeddings with a
+    learned mask embedding (masked language modelling; the tokenizer needs no [MASK] id); the parameter exists only
+    in models initialised with a mask.
     """
 
     vocab_size: int
@@ -25,7 +27,9 @@ class TextTransformer(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(
+        self, tokens: jax.Array, token_mask: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         if tokens.shape[1] > self.max_len:
             raise ValueError(
                 f"text has {tokens.shape[1]} tokens but config.model.text.max_len is {self.max_len}"
@@ -44,7 +48,10 @@ class TextTransformer(nn.Module):
             partitioned(nn.initializers.normal(stddev=0.01), (None, "length", "embed")),
             (1, self.max_len, self.width),
         )
-        x = embed(tokens).astype(self.dtype) + pos[:, : tokens.shape[1]].astype(self.dtype)
+        x = embed(tokens).astype(self.dtype)
+        if token_mask is not None:
+            x = MaskEmbedding(name="mask_embedding")(x, token_mask)
+        x = x + pos[:, : tokens.shape[1]].astype(self.dtype)
         x = constrain(x, ("batch", "act_len", "act_embed"))
         x = Encoder(self.depth, self.heads, self.mlp_dim, self.dtype, self.remat, name="encoder")(x, mask)
         if self.pool == "eos":

@@ -4,11 +4,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlp_jax.models.layers import Dtype, Encoder, constrain, partitioned
+from vlp_jax.models.layers import Dtype, Encoder, MaskEmbedding, constrain, partitioned
 
 
 class VisionTransformer(nn.Module):
-    """images uint8/float [b, h, w, 3] -> (pooled [b, width], {"tokens": [b, t, width]})."""
+    """images uint8/float [b, h, w, 3] -> (pooled [b, width], {"tokens": [b, t, width]}).
+
+    `patch_mask` bool [b, patches] (row-major over the patch grid) replaces those patch embeddings with a learned
+    mask embedding before the position embedding (masked vision modelling); the parameter exists only in models
+    initialised with a mask.
+    """
 
     image_size: int
     patch_size: int
@@ -21,7 +26,9 @@ class VisionTransformer(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(
+        self, images: jax.Array, patch_mask: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         if images.shape[1:3] != (self.image_size, self.image_size):
             raise ValueError(
                 f"images are {images.shape[1]}x{images.shape[2]} but config.model.image.image_size is "
@@ -42,6 +49,8 @@ class VisionTransformer(nn.Module):
         )(x)
         batch = x.shape[0]
         x = x.reshape(batch, -1, self.width)  # [b, patches, width]
+        if patch_mask is not None:
+            x = MaskEmbedding(name="mask_embedding")(x, patch_mask)
         if self.pool == "cls":
             cls = self.param("cls", partitioned(nn.initializers.zeros, (None, None, "embed")), (1, 1, self.width))
             x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(self.dtype), x], axis=1)

@@ -1,0 +1,143 @@
+"""BriVL and COTS methods: sharded = single-device, queue identical across meshes, the tokenizer stage, errors."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import brivl, cots
+from tests.helpers import tiny_config
+from vlp_jax import methods, parallel, train
+from vlp_jax.methods.cots import CotsMethod, load_or_make_tokenizer
+
+
+def small(config: ml_collections.ConfigDict, queue_size: int = 0) -> ml_collections.ConfigDict:
+    """Shrinks the tiny towers further so each compile takes seconds."""
+    for tower in (config.model.image, config.model.text):
+        tower.update(dict(width=32, depth=1, heads=2, mlp_dim=64))
+    config.model.embed_dim = 16
+    config.train.batch_size = 16
+    config.method.queue_size = queue_size
+    if "head" in config.method:
+        config.method.head.update(dict(depth=1, heads=2, mlp_dim=64, hidden=32))
+    return config
+
+
+def batch_of(config, seed=0):
+    rng = np.random.default_rng(seed)
+    size, length = config.model.image.image_size, config.model.text.max_len
+    text = rng.integers(4, config.model.text.vocab_size, (16, length)).astype(np.int32)
+    text[:, 0], text[:, 12], text[:, 13:] = 2, 3, 0  # BOS, words, EOS, padding
+    return {"image": rng.integers(0, 256, (16, size, size, 3), dtype=np.uint8), "text": text}
+
+
+def run_steps(config, mesh, params, extra, steps, tokenizer=None):
+    """`steps` loss evaluations threading `extra` (params fixed); returns the per-step (loss, grads) and extra."""
+    method = methods.build(config, mesh) if tokenizer is None else CotsMethod(config, mesh, tokenizer)
+    fn = jax.jit(jax.value_and_grad(method.loss, has_aux=True))
+    outputs = []
+    with parallel.mesh_context(mesh):
+        for step in range(steps):
+            batch = parallel.global_batch_from_local(batch_of(config, step), mesh)
+            (loss, (metrics, extra)), grads = fn(params, extra, batch, jax.random.PRNGKey(step), jnp.int32(step))
+            outputs.append((loss, grads, metrics))
+    return outputs, extra
+
+
+def init(config, mesh, tokenizer=None):
+    method = methods.build(config, mesh) if tokenizer is None else CotsMethod(config, mesh, tokenizer)
+    params, extra = nn.meta.unbox(method.init(jax.random.PRNGKey(0), batch_of(config)))
+    # Pretend the AMF has seen a few batches so its filter is active from the first step.
+    extra["filter"] = {"mean": jnp.float32(0.05), "std": jnp.float32(0.05), "count": jnp.int32(5)}
+    return params, extra
+
+
+def mesh_of(shape):
+    return parallel.make_mesh(ml_collections.ConfigDict(dict(zip(parallel.MESH_AXES, shape, strict=True))),
+                              devices=jax.devices()[: int(np.prod(shape))])
+
+
+def assert_trees_close(got, want, rtol=2e-4, atol=1e-5):
+    """Leaf by leaf; `atol` is relative to the leaf's largest magnitude (float32 sums differ in order)."""
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        scale = max(float(np.abs(b).max(initial=0.0)), 1.0)
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol * scale, err_msg=jax.tree_util.keystr(path))
+
+
+def test_brivl_sharded_loss_and_grads_equal_single_device():
+    config = small(brivl.get_config("tiny"))
+    config.method.amf.enabled = True  # exercise the weights as COTS does
+    params, extra = init(config, mesh_of((1, 1, 1)))
+    (single,), _ = run_steps(config, mesh_of((1, 1, 1)), params, extra, 1)
+    (sharded,), _ = run_steps(config, mesh_of((8, 1, 1)), params, extra, 1)
+    np.testing.assert_allclose(sharded[0], single[0], rtol=1e-5)
+    assert_trees_close(sharded[1], single[1])
+
+
+def test_cots_loss_grads_and_queue_equal_across_meshes():
+    config = small(cots.get_config("tiny"), queue_size=32)
+    config.method.mvm.tokenizer = "random"
+    config.method.amf.warmup_steps = 0
+    tokenizer = load_or_make_tokenizer(config, mesh_of((1, 1, 1)))
+    params, extra = init(config, mesh_of((1, 1, 1)), tokenizer)
+    single, single_extra = run_steps(config, mesh_of((1, 1, 1)), params, extra, 3, tokenizer)
+    sharded, sharded_extra = run_steps(config, mesh_of((2, 2, 2)), params, extra, 3, tokenizer)
+    for (loss, grads, metrics), (want_loss, want_grads, want_metrics) in zip(sharded, single, strict=True):
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+        assert_trees_close(grads, want_grads)
+        for term in ("instance_loss", "kl_loss", "mlm_loss", "mvm_loss", "amf/filtered_fraction"):
+            np.testing.assert_allclose(metrics[term], want_metrics[term], rtol=1e-5, err_msg=term)
+    assert 0 < float(single[0][2]["amf/filtered_fraction"]) < 1  # the filter really acted in this comparison
+    # The same pairs in the same slots; keys equal up to float32 summation order (the towers run sharded).
+    for key in ("valid", "pointer"):
+        np.testing.assert_array_equal(sharded_extra["queue"][key], single_extra["queue"][key])
+    assert_trees_close(sharded_extra["queue"], single_extra["queue"], rtol=1e-5, atol=2e-6)
+    assert_trees_close(sharded_extra["ema"], single_extra["ema"], rtol=1e-5, atol=2e-6)
+    assert int(single_extra["queue"]["pointer"]) == (3 * 16) % 32  # wrapped around once
+    assert np.asarray(single_extra["queue"]["valid"]).sum() < 32  # filtered pairs were kept out
+
+
+def test_cots_trains_its_tokenizer_stage_first_then_logs_every_term(tmp_path):
+    config = small(cots.get_config("tiny"))
+    tiny = tiny_config()
+    config.data = tiny.data
+    config.data.train_size = 128
+    config.train.update(dict(steps=4, log_every=2, warmup_steps=1))
+    config.eval.update(dict(every=1000, batch_size=16))
+    config.method.mvm.tokenizer_fraction = 0.5  # a 2-step tokenizer stage
+    config.method.amf.warmup_steps = 1
+    final = train.train_and_evaluate(config, str(tmp_path))
+    assert final["mean_r1"] >= 0
+    assert (tmp_path / "tokenizer" / "checkpoints" / "2").is_dir()
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl", encoding="utf-8")]
+    logged = records[-2] if "train/loss" not in records[-1] else records[-1]
+    for term in ("instance_loss", "kl_loss", "mlm_loss", "mvm_loss", "amf/filtered_fraction", "loss"):
+        assert np.isfinite(logged[f"train/{term}"]), term
+    # A finished stage is reused, and the config then names it.
+    again = methods.prepare(config, tmp_path, train_fn=None)
+    assert again.method.mvm.tokenizer == str(tmp_path / "tokenizer")
+
+
+def test_cots_refuses_a_tokenizer_with_another_patch_grid(tmp_path):
+    config = small(cots.get_config("tiny"))
+    config.method.mvm.tokenizer = "random"
+    vq_config, tokenizer = load_or_make_tokenizer(config, mesh_of((1, 1, 1)))
+    vq_config.model.image.patch_size = 4
+    with pytest.raises(ValueError, match="8px patches but this model uses 32px / 8px|4px patches"):
+        CotsMethod(config, mesh_of((1, 1, 1)), (vq_config, tokenizer))
+    with pytest.raises(FileNotFoundError, match="no finished visual tokenizer"):
+        methods.prepare(cots.get_config("tiny"), tmp_path, train_fn=None)
+
+
+def test_paper_variant_queue_holds_whole_batches():
+    config = brivl.get_config("paper")
+    assert config.method.queue_size == 9_600 and config.method.queue_size % config.train.batch_size == 0
+    assert config.method.temperature == 0.07 and config.method.momentum == 0.99
+    config.train.batch_size = 1_000
+    with pytest.raises(ValueError, match="queue_size=9600"):
+        methods.build(config, mesh_of((8, 1, 1)))
