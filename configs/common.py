@@ -30,11 +30,12 @@ _SCALE = {
 
 # Data loading per size: worker processes, read threads, elements prefetched. Tiny runs on a 2-core CPU (CI): no
 # workers, one thread that decodes while the step runs.
+# Each element a worker keeps ready is one shared-memory segment (an open file): keep worker buffers small.
 _LOADER = {
-    "tiny": dict(workers=0, threads=1, prefetch=512),
-    "small": dict(workers=8, threads=2, prefetch=1024),
-    "base": dict(workers=16, threads=2, prefetch=2048),
-    "large": dict(workers=16, threads=2, prefetch=2048),
+    "tiny": dict(workers=0, threads=1, prefetch=512, worker_buffer=1),
+    "small": dict(workers=8, threads=2, prefetch=1024, worker_buffer=16),
+    "base": dict(workers=16, threads=2, prefetch=2048, worker_buffer=16),
+    "large": dict(workers=16, threads=2, prefetch=2048, worker_buffer=16),
 }
 
 
@@ -125,7 +126,7 @@ def base_config(size: str) -> ml_collections.ConfigDict:
                 worker_count=_LOADER[size]["workers"],  # grain worker processes (0 = decode in the main process)
                 read_threads=_LOADER[size]["threads"],  # reading/decoding threads per process
                 prefetch=_LOADER[size]["prefetch"],  # elements prepared ahead per process
-                worker_buffer=_LOADER[size]["prefetch"],  # elements each worker keeps ready
+                worker_buffer=_LOADER[size]["worker_buffer"],  # elements each worker keeps ready
                 skip_log_limit=20,  # skipped records logged one by one per reason; all are counted
             ),
         )

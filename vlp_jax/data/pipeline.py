@@ -22,6 +22,7 @@ Evaluation data is small and read once into memory as a PairDataset: every image
 
 import collections
 import dataclasses
+import os
 from collections.abc import Callable
 
 import grain
@@ -88,6 +89,11 @@ class LoaderOptions:
         for name, value in dataclasses.asdict(options).items():
             if value < 0:
                 raise ValueError(f"config.data.loader.{name}={value} must be >= 0")
+        cores = os.cpu_count() or 1
+        if options.worker_count >= cores:  # more decoding processes than cores only adds copies and memory
+            logging.info("config.data.loader.worker_count=%d on %d cores: using %d workers", options.worker_count,
+                         cores, cores - 1)
+            options = dataclasses.replace(options, worker_count=cores - 1)
         return options
 
 
