@@ -43,20 +43,29 @@ class TrainExamples:
         self.image, self.tokenizer, self.max_len, self.noisy = image, tokenizer, max_len, noisy
 
     def __call__(self, item: Located | Skipped, rng: np.random.Generator) -> dict[str, np.ndarray] | Skipped:
-        if isinstance(item, Skipped):
-            return item
-        record, captions = item.record, clean_captions(item.record.captions)
-        if not captions:
-            return _no_caption(item)
-        try:
-            image = transforms.train_image(record.image, self.image, rng)
-        except transforms.ImageError as error:
-            return Skipped(error.reason, item.where, record.id, error.message)
+        prepared = _image_and_captions(item, lambda data: transforms.train_image(data, self.image, rng))
+        if isinstance(prepared, Skipped):
+            return prepared
+        record, image, captions = prepared
         caption = captions[int(rng.integers(len(captions)))]
         example = {"image": image, "text": self.tokenizer.encode([caption], self.max_len)[0]}
         if self.noisy:
             example[NOISY_LABEL] = np.bool_((record.labels or {}).get(NOISY_LABEL, False))
         return example
+
+
+def _image_and_captions(item: Located | Skipped, decode) -> tuple | Skipped:
+    """(record, decoded image, usable captions) of a located record, or why it is skipped; `decode(bytes)` raises
+    transforms.ImageError for a bad image."""
+    if isinstance(item, Skipped):
+        return item
+    record, captions = item.record, clean_captions(item.record.captions)
+    if not captions:
+        return _no_caption(item)
+    try:
+        return record, decode(record.image), captions
+    except transforms.ImageError as error:
+        return Skipped(error.reason, item.where, record.id, error.message)
 
 
 class EvalExamples:
@@ -67,14 +76,9 @@ class EvalExamples:
         self.image, self.tokenizer, self.max_len, self.group_label = image, tokenizer, max_len, group_label
 
     def __call__(self, item: Located | Skipped) -> dict | Skipped:
-        if isinstance(item, Skipped):
-            return item
-        record, captions = item.record, clean_captions(item.record.captions)
-        if not captions:
-            return _no_caption(item)
-        try:
-            image = transforms.eval_image(record.image, self.image)
-        except transforms.ImageError as error:
-            return Skipped(error.reason, item.where, record.id, error.message)
+        prepared = _image_and_captions(item, lambda data: transforms.eval_image(data, self.image))
+        if isinstance(prepared, Skipped):
+            return prepared
+        record, image, captions = prepared
         group = (record.labels or {}).get(self.group_label) if self.group_label else None
         return {"image": image, "text": self.tokenizer.encode(captions, self.max_len), "group": group}

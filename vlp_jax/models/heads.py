@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlp_jax.models.layers import Dtype, Encoder, layer_norm, partitioned
+from vlp_jax.models.layers import Dtype, Encoder, dense, layer_norm, partitioned
 
 
 class Projection(nn.Module):
@@ -62,8 +62,8 @@ class TokenPoolingHead(nn.Module):
         x = Encoder(self.depth, self.heads, self.mlp_dim, self.dtype, self.remat, name="encoder")(tokens, mask)
         weights = jnp.ones(x.shape[:2], x.dtype) if mask is None else mask.astype(x.dtype)
         pooled = (x * weights[..., None]).sum(axis=1) / jnp.maximum(weights.sum(axis=1, keepdims=True), 1.0)
-        hidden = nn.gelu(_dense(self.hidden, ("embed", "mlp"), self.dtype, "fc1")(pooled))
-        out = _dense(self.features, ("mlp", "joint"), self.dtype, "fc2")(hidden)
+        hidden = nn.gelu(_xavier_dense(self.hidden, ("embed", "mlp"), self.dtype, "fc1")(pooled))
+        out = _xavier_dense(self.features, ("mlp", "joint"), self.dtype, "fc2")(hidden)
         return l2_normalize(out.astype(jnp.float32))
 
 
@@ -83,24 +83,19 @@ class TokenPredictionHead(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array, condition: jax.Array) -> jax.Array:
         width = tokens.shape[-1]
-        cond = _dense(width, (None, "embed"), self.dtype, "condition")(condition)[:, None, :]
+        cond = _xavier_dense(width, (None, "embed"), self.dtype, "condition")(condition)[:, None, :]
         if self.fusion == "add":
             x = tokens + cond
         elif self.fusion == "concat":
             both = jnp.concatenate([tokens, jnp.broadcast_to(cond, tokens.shape)], axis=-1)
-            x = _dense(width, (None, "embed"), self.dtype, "fuse")(both)
+            x = _xavier_dense(width, (None, "embed"), self.dtype, "fuse")(both)
         else:
             raise ValueError(f"config.method fusion={self.fusion!r}; use 'add' or 'concat'")
-        x = layer_norm(self.dtype, "ln")(nn.gelu(_dense(width, (None, "embed"), self.dtype, "transform")(x)))
-        logits = _dense(self.num_classes, ("embed", "vocab"), self.dtype, "classifier")(x)
+        x = layer_norm(self.dtype, "ln")(nn.gelu(_xavier_dense(width, (None, "embed"), self.dtype, "transform")(x)))
+        logits = _xavier_dense(self.num_classes, ("embed", "vocab"), self.dtype, "classifier")(x)
         return logits.astype(jnp.float32)
 
 
-def _dense(features: int, names: tuple[str | None, str | None], dtype: Dtype, name: str) -> nn.Dense:
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        kernel_init=partitioned(nn.initializers.xavier_uniform(), names),
-        bias_init=partitioned(nn.initializers.zeros, (names[1],)),
-        name=name,
-    )
+
+def _xavier_dense(features: int, names: tuple[str | None, str | None], dtype: Dtype, name: str) -> nn.Dense:
+    return dense(features, names, dtype, name, nn.initializers.xavier_uniform())

@@ -22,6 +22,21 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     return nn.with_logical_constraint(x, names)
 
 
+def dense(
+    features: int, names: tuple[str | None, str | None], dtype: Dtype, name: str,
+    kernel_init: Callable | None = None,
+) -> nn.Dense:
+    """A dense layer whose kernel (lecun-normal unless `kernel_init`) carries the logical axes `names` (in, out)
+    and whose bias carries `names[1]`."""
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        kernel_init=partitioned(kernel_init or nn.initializers.lecun_normal(), names),
+        bias_init=partitioned(nn.initializers.zeros, (names[1],)),
+        name=name,
+    )
+
+
 def layer_norm(dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
     return nn.LayerNorm(
         dtype=dtype,

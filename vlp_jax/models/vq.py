@@ -22,21 +22,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlp_jax.models.layers import Dtype, partitioned
+from vlp_jax.models.layers import Dtype, dense, partitioned
 from vlp_jax.models.vit import normalize_images
 
 Codebook = dict[str, jax.Array]  # {"cluster_size": float32 [K], "embed_sum": float32 [K, d]}
-
-
-def dense(features: int, dtype: Dtype, name: str, in_axis: str | None, out_axis: str | None) -> nn.Dense:
-    """A dense layer whose kernel carries the logical axes (in_axis, out_axis)."""
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        kernel_init=partitioned(nn.initializers.lecun_normal(), (in_axis, out_axis)),
-        bias_init=partitioned(nn.initializers.zeros, (out_axis,)),
-        name=name,
-    )
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
@@ -71,7 +60,7 @@ class ResidualBlock(nn.Module):
             bias_init=partitioned(nn.initializers.zeros, ("mlp",)),
             name="conv3x3",
         )(nn.relu(x))
-        return x + dense(width, self.dtype, "conv1x1", "mlp", "embed")(nn.relu(y))
+        return x + dense(width, ("mlp", "embed"), self.dtype, "conv1x1")(nn.relu(y))
 
 
 class VQEncoder(nn.Module):
@@ -86,10 +75,10 @@ class VQEncoder(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
         x = patchify(normalize_images(images).astype(self.dtype), self.patch_size)  # [b, h, w, p*p*3]
-        x = dense(self.width, self.dtype, "embed_patch", None, "embed")(x)
+        x = dense(self.width, (None, "embed"), self.dtype, "embed_patch")(x)
         for i in range(self.res_blocks):
             x = ResidualBlock(self.dtype, name=f"res{i}")(x)
-        x = dense(self.code_dim, self.dtype, "to_code", "embed", None)(nn.relu(x))
+        x = dense(self.code_dim, ("embed", None), self.dtype, "to_code")(nn.relu(x))
         return x.astype(jnp.float32)
 
 
@@ -103,11 +92,11 @@ class VQDecoder(nn.Module):
 
     @nn.compact
     def __call__(self, codes: jax.Array) -> jax.Array:
-        x = dense(self.width, self.dtype, "from_code", None, "embed")(codes.astype(self.dtype))
+        x = dense(self.width, (None, "embed"), self.dtype, "from_code")(codes.astype(self.dtype))
         for i in range(self.res_blocks):
             x = ResidualBlock(self.dtype, name=f"res{i}")(x)
-        x = dense(self.width, self.dtype, "hidden", "embed", "mlp")(nn.relu(x))
-        x = dense(self.patch_size**2 * 3, self.dtype, "to_pixels", "mlp", None)(nn.relu(x))
+        x = dense(self.width, ("embed", "mlp"), self.dtype, "hidden")(nn.relu(x))
+        x = dense(self.patch_size**2 * 3, ("mlp", None), self.dtype, "to_pixels")(nn.relu(x))
         return unpatchify(x, self.patch_size).astype(jnp.float32)
 
 
