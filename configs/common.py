@@ -163,7 +163,15 @@ def base_config(size: str) -> ml_collections.ConfigDict:
             # Retrieval tiles: query rows × gallery rows scored at once (memory per tile); see evaluate/retrieval.py.
             query_chunk=_EVAL[size]["query_chunk"],
             gallery_chunk=_EVAL[size]["gallery_chunk"],
-            zeroshot=dict(size=256),  # images per zero-shot task of the embedded world
+            # The full evaluation (end of run, --mode=eval) reads at most this many images per set and zero-shot
+            # task: 0 = all; -1 = a short run's cap, the images it trained on (steps × batch, at least 64).
+            max_examples=-1,
+            zeroshot=dict(
+                size=256,  # images per zero-shot task of the embedded world
+                # Labelled zero-shot tasks by name: each a dict of source, label_field, class_names,
+                # class_names_file, templates, max_examples (see vlp_jax/evaluate/labelled.py).
+                tasks={},
+            ),
             unimodal=dict(max_shift=0.0625),  # image→image: the world's other view moves by up to this × image side
             picture=dict(queries=4, top_k=5, image_px=96),  # retrieval picture: queries per direction, results, px
         )

@@ -120,6 +120,31 @@ def test_folder_csv_captions_column_holds_a_json_list(tmp_path):
     assert report.skipped == {"bad_row": 1}
 
 
+def test_folder_label_columns_go_into_the_records_labels(tmp_path):
+    write_images(tmp_path)
+    with open(tmp_path / "caps.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["image", "caption", "animal", "size"], ["a.jpg", "one", " dog ", "3"],
+                                 ["b.png", "two", "", ""], ["b.png", "again", "cat", ""],
+                                 ["grey.jpg", "three", "", ""]])
+    rows = [{"image": "a.jpg", "caption": "x", "animal": 4}, {"image": "b.png", "caption": "y", "animal": 1.5}]
+    (tmp_path / "j" / "c.jsonl").parent.mkdir()
+    (tmp_path / "j" / "c.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+
+    _, report = convert.convert(tmp_path / "caps.csv", "folder", tmp_path / "out", Options(label_fields=("animal",)))
+    labelled = {k: r.labels for k, r in read_back(tmp_path / "out").items()}
+    # The first row of an image that holds the column gives the value; no value, no label; only the named columns.
+    assert labelled == {"a.jpg": {"animal": "dog"}, "b.png": {"animal": "cat"}, "grey.jpg": None}
+    assert report.converted == 3
+
+    assert convert.main([str(tmp_path / "caps.csv"), "--format=folder", f"--out={tmp_path / 'cli'}",
+                         "--label_field=animal, size"]) == 0
+    assert read_back(tmp_path / "cli")["a.jpg"].labels == {"animal": "dog", "size": "3"}  # CSV cells are text
+    _, report = convert.convert(tmp_path / "j" / "c.jsonl", "folder", tmp_path / "out2",
+                                Options(image_root=str(tmp_path), label_fields=("animal",)))
+    assert {k: r.labels for k, r in read_back(tmp_path / "out2").items()} == {"a.jpg": {"animal": 4}}  # JSON int
+    assert report.skipped == {"bad_row": 1}  # a float label is neither a name nor an index
+
+
 def test_coco(tmp_path):
     write_images(tmp_path / "train2014")
     coco = {

@@ -174,3 +174,39 @@ def test_throughput_window_rates_and_eta():
     throughput.mark(120, 64.0)  # only the window since the last mark counts: 20 steps in 4 s
     assert throughput.step_seconds == pytest.approx(0.2)
     assert throughput.eta() == "1m36s"
+
+
+def lowered_tiny_step(name: str):
+    """The tiny config of a method and its train step lowered (not compiled) for a random global batch."""
+    import importlib
+
+    from vlp_jax import parallel, train  # not vlp_jax.bench: its flags clash with vlp_jax.main's in one process
+
+    config = importlib.import_module(f"configs.{name}").get_config("tiny")
+    batch, size = config.train.batch_size, config.model.image.image_size
+    host_batch = {
+        "image": np.zeros((batch, size, size, 3), np.uint8),
+        "text": np.full((batch, config.model.text.max_len), 3, np.int32),
+    }
+    run = train.setup(config, {key: value[:1] for key, value in host_batch.items()})
+    with parallel.mesh_context(run.mesh):
+        return config, run.train_step.lower(run.state, parallel.global_batch_from_local(host_batch, run.mesh))
+
+
+def test_step_flops_counts_each_methods_own_program():
+    clip_config, clip_step = lowered_tiny_step("clip")
+    formula = metrics.train_flops_per_step(clip_config.model, clip_config.train.batch_size)
+    # XLA's count of CLIP's step agrees with the closed-form matmul count (it adds norms, softmax, the optimizer).
+    assert metrics.step_flops(clip_step, clip_config) == pytest.approx(formula, rel=0.03)
+    # BriVL adds a momentum forward pass of both towers and its pooling heads: more than 4/3 of CLIP's count.
+    brivl_config, brivl_step = lowered_tiny_step("brivl")
+    assert metrics.step_flops(brivl_step, brivl_config) > 4 / 3 * formula
+
+
+def test_step_flops_falls_back_to_the_formula():
+    class NoAnalysis:
+        def cost_analysis(self):
+            raise NotImplementedError
+
+    config = ml_collections.ConfigDict(dict(model=tiny_model_config(), train=dict(batch_size=4)))
+    assert metrics.step_flops(NoAnalysis(), config) == metrics.train_flops_per_step(config.model, 4)

@@ -52,6 +52,7 @@ def test_trained_tiny_model_is_well_above_chance_zero_shot_and_unimodal(report):
 def test_report_holds_retrieval_efficiency_and_the_picture(tiny_run, report):
     workdir, final, records = tiny_run
     assert report["step"] == 30 and report["checkpoint"].endswith("checkpoints/30")
+    assert report["eval_set"] == {"name": "embedded", "images": 64, "available": 64}  # the world's set, not capped
     assert report["sets"]["embedded"]["retrieval"] == final
     speed = report["sets"]["embedded"]["efficiency"]
     assert (speed["num_images"], speed["num_texts"], speed["cross_encoder_passes"]) == (64, 320, 64 * 320)
@@ -112,12 +113,15 @@ def test_a_methods_own_evaluator_replaces_the_suite_and_still_gets_a_report(tmp_
     evaluator = train.make_evaluator(OwnEvaluation(), None, None, config, tokenizer=None)
     state = types.SimpleNamespace(params=1.0, extra=2.0)
     writer = metrics.MetricWriter(tmp_path, use_tensorboard=False)
-    results = train.evaluate_fully(evaluator, state, _Sized(np.zeros((4, 2, 2, 3))), writer, 7, tmp_path, "ckpt/7")
+    scope = suite.EvalScope("my_set", limit=0)
+    results = train.evaluate_fully(evaluator, state, _Sized(np.zeros((4, 2, 2, 3))), writer, 7, tmp_path, "ckpt/7",
+                                   scope)
     writer.close()
     assert seen["batch_size"] == config.eval.batch_size and results == {"mse": 7.0}
     written = json.loads((tmp_path / train.EVAL_DIR / "step_7.json").read_text())
-    assert written == {"step": 7, "checkpoint": "ckpt/7", "sets": {"embedded": {"mse": 7.0}}}
-    assert read_metrics(tmp_path)[-1] == {"step": 7, "eval/embedded/mse": 7.0}
+    assert written == {"step": 7, "checkpoint": "ckpt/7", "eval_set": {"name": "my_set", "images": 4, "available": 4},
+                       "sets": {"my_set": {"mse": 7.0}}}
+    assert read_metrics(tmp_path)[-1] == {"step": 7, "eval/my_set/mse": 7.0}
 
 
 class _Sized:

@@ -7,8 +7,9 @@ so its figures are the model's and the sharding's alone: compile time, step time
 The data benchmark (vlp_jax/data/benchmark.py) writes JPEG shards (--data_images images of --data_source_size,
 textured like photographs, with world captions), then measures images/s per core of the training pipeline (read,
 decode, random resized crop to the config's image size, tokenise, batch) with each worker count of
---data_workers, and in the same run the plain PIL decode rate of the same JPEGs on one core, and prints their
-ratio. Its config defaults to configs/clip.py:base (224 px).
+--data_workers, and in the same run the decode rates of the same JPEGs on one core (PIL at full size, the
+reference; libjpeg-turbo at full size and at the pipeline's reduced DCT scale), and prints a table of the ratios.
+Its config defaults to configs/clip.py:base (224 px).
 
 The retrieval benchmark (vlp_jax/evaluate/benchmark.py) scores exact image↔text retrieval (both directions) of
 --retrieval_images random unit embeddings against --retrieval_texts captions, with the config's tiles
@@ -38,7 +39,7 @@ flags.DEFINE_string("data_source_size", "500x375", "data: WIDTHxHEIGHT of the JP
 flags.DEFINE_integer("data_quality", 90, "data: JPEG quality.")
 flags.DEFINE_list("data_workers", ["0", "1", "2"], "data: worker counts to measure.")
 flags.DEFINE_integer("data_batch", 64, "data: batch size of the measured iterator.")
-flags.DEFINE_float("data_seconds", 5.0, "data: seconds each measurement runs at least.")
+flags.DEFINE_float("data_seconds", 10.0, "data: seconds each measurement runs (the best of 5 windows counts).")
 flags.DEFINE_string("data_dir", "", "data: where to write the shards; empty = a temporary directory.")
 flags.DEFINE_integer("retrieval_images", 200_000, "retrieval: images (image→text queries, text→image gallery).")
 flags.DEFINE_integer("retrieval_texts", 1_000_000, "retrieval: captions, spread evenly over the images.")
@@ -65,7 +66,7 @@ def benchmark(config, steps: int, warmup: int) -> dict[str, float | None]:
     run = train.setup(config, {key: value[:1] for key, value in host_batch.items()})
     batch = parallel.global_batch_from_local(host_batch, run.mesh)
     started = time.perf_counter()
-    compiled, estimate = train.compile_step(run, batch, config)
+    compiled, estimate, flops = train.compile_step(run, batch, config)
     compile_seconds = time.perf_counter() - started
     state = run.state
     for _ in range(warmup):
@@ -79,7 +80,6 @@ def benchmark(config, steps: int, warmup: int) -> dict[str, float | None]:
         times.append(time.perf_counter() - started)
     step_seconds = statistics.median(times)
     device = jax.devices()[0]
-    flops = metrics.train_flops_per_step(config.model, config.train.batch_size)
     stats = device.memory_stats() or {}
     return {
         "parameters": count_params(state.params),

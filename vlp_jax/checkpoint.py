@@ -16,9 +16,10 @@ from etils import epath
 
 # Config keys a resumed run may change: they alter neither shapes, the method, nor the optimisation.
 # Config keys that may change between a checkpoint and its resumption: they never change the trained numbers
-# (the data loader's worker/prefetch settings included: the data order does not depend on them).
+# (the data loader's worker/prefetch settings included: the data order does not depend on them; nor the eval set,
+# so --mode=eval may score a checkpoint on other data).
 RESUMABLE_CHANGES = ("eval.", "checkpoint.", "train.log_every", "train.steps", "train.device_memory_bytes",
-                     "mesh.", "init_from", "data.loader.")
+                     "mesh.", "init_from", "data.loader.", "data.eval_sources", "data.group_label")
 ITEMS = ("state", "data", "config")
 
 

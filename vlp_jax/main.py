@@ -22,6 +22,9 @@ flags.DEFINE_string(
     "the report goes to --workdir, by default that run's directory."
 )
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU pods, SLURM).")
+flags.DEFINE_string("coordinator_address", None, "--distributed where not auto-detected: process 0's host:port.")
+flags.DEFINE_integer("num_processes", None, "--distributed where not auto-detected: how many processes.")
+flags.DEFINE_integer("process_id", None, "--distributed where not auto-detected: this process's index.")
 FLAGS = flags.FLAGS
 
 
@@ -44,7 +47,7 @@ def main(argv):
     from vlp_jax import train
 
     if FLAGS.distributed:
-        jax.distributed.initialize()
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     logging.set_verbosity(logging.INFO)
     workdir = FLAGS.workdir or (None if FLAGS.checkpoint else default_workdir(FLAGS["config"].config_filename))
     logging.info("process %d/%d, workdir %s", jax.process_index(), jax.process_count(), workdir or FLAGS.checkpoint)

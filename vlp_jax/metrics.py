@@ -1,12 +1,15 @@
 """Training metrics: FLOP counting and MFU, throughput and ETA, and the JSONL + TensorBoard writer.
 
-FLOPs are counted by formula from the config's shapes, a matmul [m, k] × [k, n] costing 2·m·k·n (a
-multiply-accumulate is two FLOPs; papers quoting ViT-B/16 at "17.5 GFLOPs" count multiply-accumulates).
-Only matmuls are counted: norms, softmax, activations and embedding lookups are left out.
+A matmul [m, k] × [k, n] costs 2·m·k·n FLOPs (a multiply-accumulate is two FLOPs; papers quoting ViT-B/16 at
+"17.5 GFLOPs" count multiply-accumulates). The FLOPs behind MFU are those of the train step's own program
+(`step_flops`: XLA's count of the lowered, not yet partitioned or rematerialised step over the global batch), so
+every method is charged for what it computes: BriVL's and COTS's momentum encoders, COTS's masked passes. The
+closed-form CLIP count (`train_flops_per_step`: towers and logits, matmuls only) is the fallback and the check.
 """
 
 import json
 import math
+import os
 import pathlib
 from collections.abc import Mapping
 
@@ -66,6 +69,24 @@ def train_flops_per_step(model_config: ml_collections.ConfigDict, global_batch: 
     forward = global_batch * clip_forward_flops_per_pair(model_config)
     forward += contrastive_logits_flops(global_batch, model_config.embed_dim)
     return TRAIN_FLOPS_PER_FORWARD * forward
+
+
+def step_flops(lowered, config: ml_collections.ConfigDict) -> float:
+    """Model FLOPs of one train step: XLA's cost analysis of the lowered step (`jax.jit(...).lower(...)`).
+
+    The lowered program is the global, unpartitioned computation, so the figure does not depend on the mesh and
+    excludes rematerialisation. Falls back to the CLIP formula when the backend gives no count.
+    """
+    try:
+        analysis = lowered.cost_analysis()
+    except (NotImplementedError, RuntimeError, ValueError):  # a backend without cost analysis
+        analysis = None
+    if isinstance(analysis, (list, tuple)):  # older jax returned one dict per computation
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    if flops and flops > 0:
+        return float(flops)
+    return train_flops_per_step(config.model, config.train.batch_size)
 
 
 # Dense (no sparsity) peak FLOP/s per JAX device, matched by substring of the lower-cased
@@ -184,15 +205,17 @@ def _plain(key: str, value: object) -> Scalar:
 class MetricWriter:
     """Appends scalars to `<workdir>/metrics.jsonl` (one JSON object per line) and to TensorBoard.
 
-    Construct it on one process only (process 0). Appending means a run resumed from a checkpoint writes the
-    steps after that checkpoint again; readers keep the last line per step.
+    In a multi-process run only process 0 writes: the others pass `enabled=False` and write nothing. Appending
+    means a run resumed from a checkpoint writes the steps after that checkpoint again; readers keep the last line
+    per step.
     """
 
-    def __init__(self, workdir: str | pathlib.Path, *, use_tensorboard: bool = True):
+    def __init__(self, workdir: str | pathlib.Path, *, use_tensorboard: bool = True, enabled: bool = True):
         self.workdir = pathlib.Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")  # closed by close()
-        self._use_tensorboard = use_tensorboard
+        jsonl = self.workdir / "metrics.jsonl" if enabled else os.devnull
+        self._jsonl = open(jsonl, "a", encoding="utf-8")  # closed by close()
+        self._use_tensorboard = use_tensorboard and enabled
         self._tensorboard: tensorboardX.SummaryWriter | None = None
 
     def write(self, step: int, scalars: Mapping[str, object]) -> None:

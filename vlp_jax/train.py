@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import signal
 import time
+import uuid
 from collections.abc import Callable
 
 import jax
@@ -21,11 +22,10 @@ from vlp_jax.checkpoint import Checkpointer, absolute, abstract_like, open_exist
 from vlp_jax.data import pipeline
 from vlp_jax.data.tokenizer import Tokenizer
 from vlp_jax.evaluate.retrieval import format_table
-from vlp_jax.evaluate.suite import EvalSuite, first_images, save_report
+from vlp_jax.evaluate.suite import EvalScope, EvalSuite, capped, eval_scope, first_images, save_report
 from vlp_jax.optimizer import learning_rate_schedule, make_optimizer
 from vlp_jax.state import TrainState, count_params, create_train_state
 
-EVAL_SET = "embedded"  # the synthetic world's held-out scenes
 EVAL_DIR = "eval"  # <workdir>/eval/step_<N>.json and .png: the full evaluation's report and retrieval picture
 
 
@@ -74,7 +74,7 @@ def prepare_workdir(workdir: str) -> epath.Path:
     path = epath.Path(workdir)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
+        probe = path / f".write_test.{uuid.uuid4().hex}"  # one per process: several may share the workdir
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
@@ -103,7 +103,7 @@ def make_evaluator(method, param_shardings, mesh: Mesh, config: ml_collections.C
     return EvalSuite(method, param_shardings, mesh, config, tokenizer)
 
 
-def evaluate_and_log(evaluator, state: TrainState, eval_data, writer, step: int, name: str = EVAL_SET):
+def evaluate_and_log(evaluator, state: TrainState, eval_data, writer, step: int, name: str):
     """Scores `eval_data` (named `name` in the logs and as eval/<name>/<metric>) and returns the results."""
     results = evaluator(state.params, state.extra, eval_data)
     writer.write(step, {f"eval/{name}/{key}": value for key, value in results.items()})
@@ -116,27 +116,32 @@ def evaluate_and_log(evaluator, state: TrainState, eval_data, writer, step: int,
 
 
 def evaluate_fully(
-    evaluator, state: TrainState, eval_data, writer, step: int, workdir: epath.Path, checkpoint: str
+    evaluator, state: TrainState, eval_data, writer, step: int, workdir: epath.Path, checkpoint: str,
+    scope: EvalScope,
 ) -> dict[str, float]:
     """The end-of-run evaluation, also `--mode=eval`; returns the eval set's retrieval metrics.
 
-    With the retrieval suite: retrieval, unimodal, zero-shot and efficiency (see evaluate/suite.py) as scalars,
-    the retrieval picture in TensorBoard, and <workdir>/eval/step_<step>.json / .png. A method's own evaluator:
-    its results, also as the JSON report. `checkpoint` names the evaluated checkpoint in the report.
+    It reads at most `scope.limit` eval images (suite.eval_scope) and names the set `scope.name`. With the
+    retrieval suite: retrieval, unimodal, zero-shot and efficiency (see evaluate/suite.py) as scalars, the
+    retrieval picture in TensorBoard, and <workdir>/eval/step_<step>.json / .png. A method's own evaluator: its
+    results, also as the JSON report. `checkpoint` names the evaluated checkpoint in the report.
     """
     directory = workdir / EVAL_DIR
+    name, available = scope.name, len(eval_data)
+    eval_data = capped(eval_data, scope)
+    head = {"checkpoint": checkpoint, "eval_set": {"name": name, "images": len(eval_data), "available": available}}
     if not isinstance(evaluator, EvalSuite):
-        results = evaluate_and_log(evaluator, state, eval_data, writer, step)
+        results = evaluate_and_log(evaluator, state, eval_data, writer, step, name)
         if jax.process_index() == 0:
-            save_report(directory, step, {"checkpoint": checkpoint, "sets": {EVAL_SET: results}})
+            save_report(directory, step, {**head, "sets": {name: results}})
         return results
-    evaluation = evaluator.full(state.params, eval_data, EVAL_SET)
+    evaluation = evaluator.full(state.params, eval_data, name)
     writer.write(step, evaluation.scalars())
-    writer.write_image(step, f"eval/{EVAL_SET}/retrieval", evaluation.picture)
+    writer.write_image(step, f"eval/{name}/retrieval", evaluation.picture)
     if jax.process_index() == 0:
-        report = save_report(directory, step, {"checkpoint": checkpoint, **evaluation.report}, evaluation.picture)
+        report = save_report(directory, step, {**head, **evaluation.report}, evaluation.picture)
         logging.info("step %d full evaluation (report %s):\n%s", step, report, evaluation.summary())
-    return evaluation.report["sets"][EVAL_SET]["retrieval"]
+    return evaluation.report["sets"][name]["retrieval"]
 
 
 def find_checkpoint(path: str, flag: str) -> tuple[epath.Path, int]:
@@ -184,10 +189,15 @@ def setup(config: ml_collections.ConfigDict, example: dict[str, np.ndarray]) -> 
 
 
 def compile_step(run: Setup, batch, config: ml_collections.ConfigDict):
-    """Compiles the train step for `batch`'s shapes and fails fast if it cannot fit in device memory."""
+    """Compiles the train step for `batch`'s shapes and fails fast if it cannot fit in device memory.
+
+    Returns (compiled step, memory estimate, model FLOPs per step as counted from the step's own program).
+    """
     with parallel.mesh_context(run.mesh):
-        compiled = run.train_step.lower(run.state, batch).compile()
-    return compiled, memory.check_fits(compiled, config.train.device_memory_bytes)
+        lowered = run.train_step.lower(run.state, batch)
+        compiled = lowered.compile()
+    flops = metrics.step_flops(lowered, config)
+    return compiled, memory.check_fits(compiled, config.train.device_memory_bytes), flops
 
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run saved itself and should be restarted (e.g. requeued by SLURM)
@@ -205,7 +215,8 @@ class StopSignal:
     """Records SIGTERM/SIGINT instead of dying, so the loop can finish its step and save; all processes agree."""
 
     def __init__(self):
-        self.received: int | None = None
+        self.received: int | None = None  # set by the handler: the signal this process received
+        self.agreed: int | None = None  # set by `requested`: the signal every process stops for
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
@@ -213,10 +224,13 @@ class StopSignal:
         self.received = signum
 
     def requested(self) -> bool:
-        local = self.received is not None
-        if jax.process_count() == 1:
-            return local
-        return bool(multihost_utils.process_allgather(np.array(local)).any())
+        """Whether any process received a signal. Multi-process: a collective that every process calls once per
+        step, so a signal sent to one process stops all of them after the same step."""
+        signum = self.received or 0  # read once: a signal arriving during the collective counts at the next step
+        if jax.process_count() > 1:
+            signum = int(np.max(multihost_utils.process_allgather(np.array(signum))))  # max over [processes]
+        self.agreed = signum or None
+        return self.agreed is not None
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -261,16 +275,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
     step = int(state.step)
     batch = parallel.global_batch_from_local(next(batches), mesh)
     started = time.perf_counter()
-    compiled, estimate = compile_step(run, batch, config)
+    compiled, estimate, flops_per_step = compile_step(run, batch, config)
     logging.info("%s parameters; train step compiled in %.1fs, needs %s per device of %s",
                  f"{count_params(state.params):,}", time.perf_counter() - started,
                  memory.format_bytes(estimate.per_device_bytes), memory.format_bytes(estimate.available_bytes))
 
     evaluator = make_evaluator(run.method, run.shardings.params, mesh, config, data.tokenizer)
     eval_subset = first_images(eval_data, config.eval.subset_size)  # scored every config.eval.every steps
-    subset_name = EVAL_SET if eval_subset is eval_data else f"{EVAL_SET}_subset"
-    writer = metrics.MetricWriter(str(workdir))
-    flops_per_step = metrics.train_flops_per_step(config.model, config.train.batch_size)
+    scope = eval_scope(config)
+    subset_name = scope.name if eval_subset is eval_data else f"{scope.name}_subset"
+    writer = metrics.MetricWriter(str(workdir), enabled=jax.process_index() == 0)
     device_kind = jax.devices()[0].device_kind
     throughput = metrics.Throughput(config.train.steps, config.train.batch_size)
     stop_signal = StopSignal()
@@ -290,7 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
                 checkpointer.save(step, state, batches.get_state(), config)
             if stopping:
                 checkpointer.wait()
-                raise Preempted(step, signal.Signals(stop_signal.received).name)
+                raise Preempted(step, signal.Signals(stop_signal.agreed).name)
             if step < last_step:
                 batch = parallel.global_batch_from_local(next(batches), mesh)  # overlaps the running step
             if step % config.train.log_every == 0 or step == last_step:
@@ -311,7 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
         if step < config.train.steps:
             return None
         checkpoint = str(checkpointer.directory / str(step))
-        return evaluate_fully(evaluator, state, eval_data, writer, step, workdir, checkpoint)
+        return evaluate_fully(evaluator, state, eval_data, writer, step, workdir, checkpoint, scope)
     finally:
         batches.close()
         stop_signal.restore()
@@ -339,10 +353,10 @@ def evaluate_checkpoint(
     state, _ = checkpointer.restore(step, abstract_like(run.state, run.shardings), config)
     checkpointer.close()
     evaluator = make_evaluator(run.method, run.shardings.params, run.mesh, config, tokenizer)
-    writer = metrics.MetricWriter(str(workdir))
+    writer = metrics.MetricWriter(str(workdir), enabled=jax.process_index() == 0)
     try:
         checkpoint_dir = str(checkpointer.directory / str(step))
-        return evaluate_fully(evaluator, state, eval_data, writer, step, workdir, checkpoint_dir)
+        return evaluate_fully(evaluator, state, eval_data, writer, step, workdir, checkpoint_dir, eval_scope(config))
     finally:
         writer.close()
 

@@ -1,13 +1,15 @@
 """Converts the image-text data users have on disk into ArrayRecord shards: `python -m vlp_jax.data.convert`.
 
     python -m vlp_jax.data.convert SRC --format=FORMAT --out=DIR [--records_per_shard=N] [--max_side=N]
-        [--workers=N] [--split=NAME] [--image_root=DIR] [--resume]
+        [--workers=N] [--split=NAME] [--image_root=DIR] [--label_field=COLUMN[,COLUMN]] [--resume]
 
 Formats:
   folder      a captions file (JSONL, CSV or TSV; SRC is the file, or a folder holding exactly one) with keys or
               columns `image` (path relative to the file's folder, or to --image_root) and `caption` (several rows
               of one image are merged) or `captions` (a list; in CSV/TSV a JSON list); an optional `split`
-              column, else --split. The id is the image's relative path.
+              column, else --split. Each --label_field column (e.g. a class name, for zero-shot tasks:
+              vlp_jax/evaluate/labelled.py) goes into the record's labels under its column name; a row without it
+              gives no label. The id is the image's relative path.
   coco        COCO captions JSON (`images` + `annotations`); images under --image_root (default: the JSON's
               folder); all in --split. The id is the image's file_name.
   karpathy    Karpathy-split JSON (dataset_coco.json, dataset_flickr30k.json): images under
@@ -103,11 +105,13 @@ class Options:
     workers: int = 0  # threads converting units in parallel; 0 or 1 = inline
     split: str = "train"  # split name for formats that carry none
     image_root: str | None = None
+    label_fields: tuple[str, ...] = ()  # folder format: columns copied into each record's labels
     progress_seconds: float = 10.0  # at most one progress line per this many seconds
 
     def fingerprint_fields(self) -> dict:
         """The options that change the output (not how fast it is made)."""
-        return {"records_per_shard": self.records_per_shard, "max_side": self.max_side, "quality": self.quality}
+        fields = {"records_per_shard": self.records_per_shard, "max_side": self.max_side, "quality": self.quality}
+        return fields | ({"label_fields": list(self.label_fields)} if self.label_fields else {})
 
 
 @dataclasses.dataclass
@@ -149,6 +153,7 @@ class _Item:
     image: str = ""
     captions: tuple[str, ...] = ()
     split: str = ""
+    labels: tuple[tuple[str, str | int], ...] = ()  # (label field, value) pairs for the record's labels
     reject: str | None = None
     detail: str = ""
 
@@ -201,12 +206,14 @@ def _read_json(path: epath.Path):
         raise ConvertError(f"{path} is not valid JSON ({error}); check the file or --format") from error
 
 
-def _listed_item(source: str, item_id: str, image: epath.Path, raw_captions: list, split: str) -> _Item:
+def _listed_item(
+    source: str, item_id: str, image: epath.Path, raw_captions: list, split: str, labels: tuple = ()
+) -> _Item:
     try:
         captions = tuple(_clean_captions(raw_captions))
     except _Skip as skip:
         return _Item(source, item_id, os.fspath(image), split=split, reject=skip.reason, detail=skip.detail)
-    return _Item(source, item_id, os.fspath(image), captions, split)
+    return _Item(source, item_id, os.fspath(image), captions, split, labels)
 
 
 # ---------------------------------------------------------------- listing each format
@@ -269,9 +276,13 @@ def _list_folder(src: epath.Path, options: Options) -> list[_Item]:
             entries[f"\0{number}"] = {"source": source, "reject": ("bad_row", "no `image` field")}
             continue
         item_id = posixpath.normpath(image.strip())
-        entry = entries.setdefault(item_id, {"source": source, "captions": [], "split": row.get("split")})
+        entry = entries.setdefault(item_id, {"source": source, "captions": [], "split": row.get("split"),
+                                             "labels": {}})
         try:
             entry["captions"].extend(_row_captions(row))
+            for field in options.label_fields:  # an image's first row that holds the column gives its value
+                if entry["labels"].get(field) is None:
+                    entry["labels"][field] = _row_label(row, field)
         except _Skip as skip:
             entry["reject"] = (skip.reason, skip.detail)
     items = []
@@ -280,8 +291,20 @@ def _list_folder(src: epath.Path, options: Options) -> list[_Item]:
         if "reject" in entry:
             items.append(_Item(entry["source"], split=split, reject=entry["reject"][0], detail=entry["reject"][1]))
         else:
-            items.append(_listed_item(entry["source"], item_id, root / item_id, entry["captions"], split))
+            labels = tuple((field, value) for field, value in entry["labels"].items() if value is not None)
+            items.append(_listed_item(entry["source"], item_id, root / item_id, entry["captions"], split, labels))
     return items
+
+
+def _row_label(row: dict, field: str) -> str | int | None:
+    """A row's value of a label column: a string (a CSV/TSV cell, stripped) or a JSON string or integer; None when
+    the row has none."""
+    value = row.get(field)
+    if isinstance(value, str):
+        return value.strip() or None
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise _Skip("bad_row", f"label `{field}` is {type(value).__name__}, not a string or an integer")
 
 
 def _list_coco(src: epath.Path, options: Options) -> list[_Item]:
@@ -408,8 +431,9 @@ def _prepare_image(data: bytes, options: Options) -> bytes:
 
 # ---------------------------------------------------------------- samples of a unit
 
-# A sample: (source for the report, a function returning (id, image bytes, captions) or raising _Skip).
-_Sample = tuple[str, Callable[[], tuple[str, bytes, list[str]]]]
+# A sample: (source for the report, a function returning (id, image bytes, captions, labels or None) or raising
+# _Skip).
+_Sample = tuple[str, Callable[[], tuple[str, bytes, list[str], dict | None]]]
 
 
 def _item_samples(unit: _Unit) -> Iterator[_Sample]:
@@ -422,7 +446,7 @@ def _item_samples(unit: _Unit) -> Iterator[_Sample]:
                 data = epath.Path(item.image).read_bytes()
             except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
                 raise _Skip("missing_image", item.image) from None
-            return item.id, data, list(item.captions)
+            return item.id, data, list(item.captions), dict(item.labels) or None
 
         yield item.source, build
 
@@ -470,7 +494,7 @@ def _tar_samples(unit: _Unit, report: Report) -> Iterator[_Sample]:
                 extension = next((e for e in IMAGE_EXTENSIONS if e in members), None)
                 if extension is None:
                     raise _Skip("missing_image", f"members: {', '.join(sorted(members))}")
-                return key, members[extension], captions
+                return key, members[extension], captions, None
 
             yield f"{unit.source}:{key}", build
     except (tarfile.TarError, EOFError, OSError) as error:
@@ -491,9 +515,10 @@ def _convert_unit(unit: _Unit, staging: epath.Path, options: Options) -> dict:
     with ShardWriter(staging, unit.split, options.records_per_shard, prefix=f"{unit.split}-u{unit.index:05d}") as w:
         for source, build in samples:
             try:
-                record_id, data, captions = build()
+                record_id, data, captions, labels = build()
                 _require_utf8(record_id, "id")
-                record = ImageTextRecord(record_id, _prepare_image(data, options), captions, split=unit.split)
+                record = ImageTextRecord(record_id, _prepare_image(data, options), captions, split=unit.split,
+                                         labels=labels)
             except _Skip as skip:
                 report.skip(skip.reason, source, skip.detail)
                 continue
@@ -656,6 +681,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=defaults.workers, help="parallel threads; 0 or 1 = inline")
     parser.add_argument("--split", default=defaults.split, help="split name for formats that carry none")
     parser.add_argument("--image_root", default=defaults.image_root, help="folder the image paths are relative to")
+    parser.add_argument("--label_field", default="",
+                        help="folder format: comma-separated columns copied into each record's labels (e.g. a class)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted conversion into --out")
     parser.add_argument("--progress_seconds", type=float, default=defaults.progress_seconds)
     return parser.parse_args(argv)
@@ -665,6 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     options = Options(records_per_shard=args.records_per_shard, max_side=args.max_side, quality=args.quality,
                       workers=args.workers, split=args.split, image_root=args.image_root,
+                      label_fields=tuple(field.strip() for field in args.label_field.split(",") if field.strip()),
                       progress_seconds=args.progress_seconds)
     try:
         manifest, report = convert(args.src, args.format, args.out, options, resume=args.resume)

@@ -37,11 +37,15 @@ class TextQuery:
     hits: list[bool]
 
 
-def retrieval_picture(image_queries: list[ImageQuery], text_queries: list[TextQuery], image_px: int) -> np.ndarray:
-    """Two sections, image→text then text→image, one row per query; green marks a hit, red a miss."""
+def retrieval_picture(
+    image_queries: list[ImageQuery], text_queries: list[TextQuery], image_px: int, title: str = ""
+) -> np.ndarray:
+    """Under `title` (e.g. the eval set's name), two sections, image→text then text→image, one row per query;
+    green marks a hit, red a miss."""
     font = ImageFont.load_default(size=FONT_PX)
     line = _text_height(font) + GAP // 2
     top_k = max([len(q.hits) for q in [*image_queries, *text_queries]], default=0)
+    headings = [title] if title else []
     titles = (
         f"image -> text: top-{top_k} captions of each image (green = one of its captions, red = another's)",
         f"text -> image: top-{top_k} images of each caption (green frame = its image, red = another)",
@@ -49,15 +53,20 @@ def retrieval_picture(image_queries: list[ImageQuery], text_queries: list[TextQu
     caption_width = max([font.getlength(f"{top_k}. {c}") for q in image_queries for c in q.captions], default=0)
     image_row_width = MARGIN + image_px + GAP + MARK + GAP + int(caption_width) + MARGIN
     text_row_width = MARGIN + TEXT_COLUMN + GAP + top_k * (image_px + 2 * BORDER + GAP) + MARGIN
-    width = max(image_row_width, text_row_width, *(int(font.getlength(t)) + 2 * MARGIN for t in titles))
+    width = max(image_row_width, text_row_width, *(int(font.getlength(t)) + 2 * MARGIN for t in (*headings, *titles)))
     image_row_height = max(image_px, top_k * line) + GAP
     text_rows = [_wrapped(q.caption, font, TEXT_COLUMN) for q in text_queries]
     text_row_heights = [max(image_px + 2 * BORDER, len(rows) * line) + GAP for rows in text_rows]
-    height = MARGIN + 2 * (line + GAP) + len(image_queries) * image_row_height + sum(text_row_heights) + MARGIN
+    heading_rows = len(headings) + 2  # the title, then each section's heading
+    height = MARGIN + heading_rows * (line + GAP) + len(image_queries) * image_row_height + sum(text_row_heights)
+    height += MARGIN
 
     canvas = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     y = MARGIN
+    for heading in headings:
+        draw.text((MARGIN, y), heading, fill=INK, font=font)
+        y += line + GAP
     draw.text((MARGIN, y), titles[0], fill=INK, font=font)
     y += line + GAP
     for query in image_queries:

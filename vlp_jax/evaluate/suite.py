@@ -6,13 +6,19 @@ suite (`EvalSuite.full`) adds, on the whole eval set:
 - unimodal retrieval: text→text (another caption of the same image), and image→image: within the set when it
   carries image groups (another style of the same content), else against re-rendered views of the embedded
   world's scenes;
-- zero-shot classification of the embedded world's colours and shapes, when the model trained on the world;
+- zero-shot classification of the embedded world's colours and shapes, when the model trained on the world, and
+  of every labelled task in `config.eval.zeroshot.tasks` (labelled.py);
 - the efficiency figures (efficiency.py): the timed two-stream retrieval beside the estimated cross-encoder cost;
 - the retrieval picture (picture.py).
+
+The eval set is named after its source (`eval_set_name`: "embedded" for the world, else the dataset's name) in
+the metrics keys, the JSON report and the picture. `eval_scope` caps what a short run's full evaluation reads.
 """
 
 import dataclasses
+import glob
 import json
+import re
 import time
 
 import ml_collections
@@ -24,9 +30,70 @@ from PIL import Image
 from vlp_jax.data import sources, synthetic
 from vlp_jax.data.pipeline import PairDataset
 from vlp_jax.data.tokenizer import Tokenizer
-from vlp_jax.evaluate import efficiency, picture, unimodal, zeroshot
+from vlp_jax.evaluate import efficiency, labelled, picture, unimodal, zeroshot
 from vlp_jax.evaluate.embeddings import Encoders
 from vlp_jax.evaluate.retrieval import format_table, retrieval_metrics, scorer_from_config
+
+WORLD_SET = "embedded"  # the name of the embedded world's eval set
+SMOKE_EVAL_MIN = 64  # images a capped full evaluation reads at the least (config.eval.max_examples=-1)
+_GENERIC_FOLDERS = ("shards", "records", "data", "array_record")  # named after their parent folder instead
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalScope:
+    """What the full evaluation reads: the eval set's name, at most `limit` examples per set and zero-shot task
+    (0 = all), and why it is capped (for the log line)."""
+
+    name: str
+    limit: int
+    why: str = ""
+
+
+def eval_scope(config: ml_collections.ConfigDict) -> EvalScope:
+    """The eval set's name and the full evaluation's cap, from `config.eval.max_examples`: N > 0 caps at N, 0 reads
+    everything, -1 (auto) caps at the images the run trained on (train.steps × batch_size, at least
+    SMOKE_EVAL_MIN), so a smoke run's evaluation costs no more than its training."""
+    name = eval_set_name(config.data.eval_sources)
+    requested = config.eval.max_examples
+    if requested >= 0:
+        return EvalScope(name, requested, f"config.eval.max_examples={requested}")
+    trained = config.train.steps * config.train.batch_size
+    why = (f"config.eval.max_examples=-1 caps the full evaluation of a run of {config.train.steps} steps × "
+           f"{config.train.batch_size} at the images it trained on, at least {SMOKE_EVAL_MIN}")
+    return EvalScope(name, max(SMOKE_EVAL_MIN, trained), why)
+
+
+def capped(dataset: PairDataset, scope: EvalScope) -> PairDataset:
+    """The first `scope.limit` images of `dataset` (all when it holds no more), saying so in the log when capped."""
+    if not scope.limit or len(dataset) <= scope.limit:
+        return dataset
+    logging.warning("the full evaluation reads the first %d of the %d %s eval images (%s); pass "
+                    "--config.eval.max_examples=0 for the whole set", scope.limit, len(dataset), scope.name, scope.why)
+    return first_images(dataset, scope.limit)
+
+
+def eval_set_name(eval_sources: str) -> str:
+    """A metrics-key-safe name for `config.data.eval_sources`: "embedded" for the world, a tfds dataset's name, a
+    dataset directory's (or a glob's folder's) name, its parent's for a generic one like "shards"; a split other
+    than "eval" is appended, and several sources are joined by "+"."""
+    names = []
+    for spec in sources.parse_specs(eval_sources, "eval", "config.data.eval_sources"):
+        if spec.location == sources.SYNTHETIC:
+            names.append(WORLD_SET)
+            continue
+        if spec.location.startswith(sources.TFDS_PREFIX):
+            name = spec.location[len(sources.TFDS_PREFIX):]
+        else:
+            path = epath.Path(spec.location.rstrip("/"))
+            while path.parent != path and (glob.has_magic(str(path)) or not path.is_dir()):
+                path = path.parent  # a glob or a shard file: named by its folder
+            if path.name in _GENERIC_FOLDERS and path.parent.name:
+                path = path.parent
+            name = path.name or "eval"
+        if spec.split != "eval":
+            name = f"{name}_{spec.split}"
+        names.append(re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_"))
+    return "+".join(dict.fromkeys(names))
 
 
 def first_images(dataset: PairDataset, num_images: int) -> PairDataset:
@@ -83,9 +150,11 @@ class Evaluation:
                 f"(estimated): {speed['speedup']:,.0f}x"
             )
         for task, results in self.report["zeroshot"].items():
+            skipped = {key: value for key, value in results.items() if key.startswith("skipped_")}
             lines.append(
                 f"zero-shot {task}: top1 {results['top1']:.1f}%  top5 {results['top5']:.1f}%  "
-                f"(chance top1 {results['chance_top1']:.1f}%)"
+                f"(chance top1 {results['chance_top1']:.1f}%, {results['num_images']} images"
+                + "".join(f", {value} {key}" for key, value in skipped.items()) + ")"
             )
         return "\n".join(lines)
 
@@ -113,7 +182,9 @@ class EvalSuite:
         self.tokenizer = tokenizer
         self.encoders = Encoders(method, param_shardings, mesh, config.eval.batch_size)
         self.scorer = scorer_from_config(config.eval, mesh)
-        self._zeroshot_tasks: list[zeroshot.ZeroShotTask] | None = None  # built on first use
+        self.scope = eval_scope(config)
+        # Built on first use: (task, records skipped by reason) of the world's and the configured tasks.
+        self._zeroshot_tasks: list[tuple[zeroshot.ZeroShotTask, dict[str, int]]] | None = None
 
     def __call__(self, params, extra, dataset: PairDataset) -> dict[str, float]:
         """Image↔text retrieval metrics (retrieval.retrieval_metrics) of `params` on `dataset`.
@@ -149,7 +220,7 @@ class EvalSuite:
             },
             "zeroshot": self._zeroshot(params),
         }
-        return Evaluation(report, self._picture(dataset, images, texts))
+        return Evaluation(report, self._picture(dataset, images, texts, name))
 
     def _time_product(self, images: np.ndarray, texts: np.ndarray) -> float:
         """Seconds to score every image against every text, keeping each image's best (the [N, M] product,
@@ -186,18 +257,30 @@ class EvalSuite:
 
     def _zeroshot(self, params) -> dict[str, dict[str, float]]:
         if self._zeroshot_tasks is None:
-            self._zeroshot_tasks = self._world_tasks()
+            self._zeroshot_tasks = [(task, {}) for task in self._world_tasks()] + self._configured_tasks()
+        embedded = {}  # id(images) -> their embeddings: the world's colour and shape tasks share their images
+
+        def embed_images(images: np.ndarray) -> np.ndarray:
+            if id(images) not in embedded:
+                embedded[id(images)] = self.encoders.images(params, images)
+            return embedded[id(images)]
+
         results = {}
-        for task in self._zeroshot_tasks:
+        for task, skipped in self._zeroshot_tasks:
             accuracy = zeroshot.evaluate_zeroshot(
                 task,
-                lambda images: self.encoders.images(params, images),
+                embed_images,
                 lambda tokens: self.encoders.texts(params, tokens),
                 self.tokenizer,
                 self.config.model.text.max_len,
                 scorer=self.scorer,
             )
-            results[task.name] = {**accuracy, "chance_top1": 100.0 / len(task.class_names)}
+            results[task.name] = {
+                **accuracy,
+                "chance_top1": 100.0 / len(task.class_names),
+                "num_images": len(task.labels),
+                **{f"skipped_{reason}": count for reason, count in skipped.items()},
+            }
         return results
 
     def _world_tasks(self) -> list[zeroshot.ZeroShotTask]:
@@ -206,7 +289,13 @@ class EvalSuite:
         specs = sources.parse_specs(data.train_sources, "train", "config.data.train_sources")
         if not any(spec.location == sources.SYNTHETIC for spec in specs):
             return []
-        return zeroshot.world_zeroshot_tasks(data.world, self.config.eval.zeroshot.size)
+        size = self.config.eval.zeroshot.size
+        return zeroshot.world_zeroshot_tasks(data.world, min(size, self.scope.limit or size))
+
+    def _configured_tasks(self) -> list[tuple[zeroshot.ZeroShotTask, dict[str, int]]]:
+        """The labelled tasks of `config.eval.zeroshot.tasks` (labelled.py), capped like the eval set."""
+        tasks = self.config.eval.zeroshot.get("tasks") or {}
+        return [labelled.load_task(name, settings, self.config, self.scope.limit) for name, settings in tasks.items()]
 
     def _is_world_eval_split(self, dataset: PairDataset) -> bool:
         """Whether `dataset` is the world's eval split in order (what re-rendered views must align with)."""
@@ -218,7 +307,7 @@ class EvalSuite:
             logging.warning("the eval set does not start with the world's first eval scene; image→image skipped")
         return aligned
 
-    def _picture(self, dataset: PairDataset, images: np.ndarray, texts: np.ndarray) -> np.ndarray:
+    def _picture(self, dataset: PairDataset, images: np.ndarray, texts: np.ndarray, name: str) -> np.ndarray:
         """Evenly spaced image queries with their top captions and caption queries with their top images."""
         settings = self.config.eval.picture
         labels = image_labels(dataset)
@@ -241,4 +330,5 @@ class EvalSuite:
             )
             for t, found in zip(text_ids, top_images, strict=True)
         ]
-        return picture.retrieval_picture(image_queries, text_queries, settings.image_px)
+        title = f"eval set {name}: {len(images)} images, {len(texts)} captions"
+        return picture.retrieval_picture(image_queries, text_queries, settings.image_px, title)
