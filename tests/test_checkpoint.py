@@ -170,6 +170,21 @@ def test_a_skipped_step_leaves_the_state_unchanged_but_counts(tmp_path, monkeypa
     assert_trees_equal((after.params, after.opt_state), (before.params, before.opt_state))
 
 
+def test_a_signal_during_compilation_saves_after_the_first_step(tmp_path, monkeypatch):
+    compile_step = train.compile_step
+
+    def signalled_compile(*args, **kwargs):  # SIGTERM arrives while the step compiles, before any step ran
+        os.kill(os.getpid(), signal.SIGTERM)
+        return compile_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "compile_step", signalled_compile)
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(train.Preempted, match="received SIGTERM: saved step 1; rerun"):
+        train.train_and_evaluate(tiny_config(), str(tmp_path))
+    assert Checkpointer(tmp_path, tiny_config().checkpoint).latest_step() == 1
+    assert signal.getsignal(signal.SIGTERM) is previous  # the handler is the caller's again
+
+
 def tiny_command(workdir, *extra):
     """The CLI form of tests.helpers.tiny_config (same values), for subprocess tests."""
     return [sys.executable, "-m", "vlp_jax.main", "--config=configs/clip.py:tiny", f"--workdir={workdir}",

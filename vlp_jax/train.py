@@ -236,6 +236,12 @@ class StopSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def __enter__(self) -> "StopSignal":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.restore()
+
 
 def restore_or_init(run: Setup, checkpointer: Checkpointer, batches, config) -> TrainState:
     """Resumes from the workdir's latest complete checkpoint, else warm-starts params from `init_from`."""
@@ -261,6 +267,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
     `stop_after` ends this invocation after that many steps (saving first) as a preemption would, and returns
     None: later invocations resume. A SIGTERM/SIGINT saves the step in flight and raises Preempted.
     """
+    with StopSignal() as stop_signal:  # from the start: a signal during setup or compilation stops after step 1
+        return _train_and_evaluate(config, workdir, stop_after, stop_signal)
+
+
+def _train_and_evaluate(config, workdir: str, stop_after: int | None, stop_signal: StopSignal):
     workdir = prepare_workdir(workdir)
     config = methods.prepare(config, workdir, train_and_evaluate)  # earlier stages, e.g. COTS's visual tokenizer
     data = pipeline.load(config, workdir)
@@ -287,7 +298,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
     writer = metrics.MetricWriter(str(workdir), enabled=jax.process_index() == 0)
     device_kind = jax.devices()[0].device_kind
     throughput = metrics.Throughput(config.train.steps, config.train.batch_size)
-    stop_signal = StopSignal()
     last_step = config.train.steps if stop_after is None else min(config.train.steps, step + stop_after)
     pending = None  # the previous step's (step, non-finite streak), read one step late to keep dispatch async
     throughput.mark(step, time.perf_counter())
@@ -328,7 +338,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
         return evaluate_fully(evaluator, state, eval_data, writer, step, workdir, checkpoint, scope)
     finally:
         batches.close()
-        stop_signal.restore()
         checkpointer.wait()
         checkpointer.close()
         writer.close()

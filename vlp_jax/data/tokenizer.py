@@ -14,6 +14,7 @@ tfds:NAME, several separated by commas).
 import argparse
 import io
 import sys
+import uuid
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -89,7 +90,11 @@ def train_tokenizer(texts: Iterable[str], model_path: str | epath.Path, vocab_si
     )
     path = epath.Path(model_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(model.getvalue())
+    # Written aside then renamed: processes sharing a workdir each train the same model, and none may read a
+    # half-written file.
+    partial = path.parent / f".{path.name}.{uuid.uuid4().hex}.partial"
+    partial.write_bytes(model.getvalue())
+    partial.rename(path)
     return Tokenizer(path)
 
 
