@@ -147,6 +147,20 @@ def test_jpegs_decode_with_libjpeg_turbo_at_a_reduced_dct_scale_like_pil_at_full
     assert np.abs(grey.astype(int) - 90).max() <= 2
 
 
+def test_reduced_scale_decode_maps_an_off_centre_crop_box_like_a_full_decode():
+    yy, xx = np.mgrid[0:96, 0:128]
+    smooth = np.stack([xx * 2, yy * 2, 255 - xx - yy], axis=-1).astype(np.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(smooth).save(encoded, "JPEG", quality=95)
+    options = image_options(size=16, max_pixels=20_000)
+    box = (70.0, 8.5, 118.0, 60.5)  # 48 x 52 px: at 3/8 scale 18 x 19.5 px, the smallest n/8 leaving >= 16
+    pixels, scaled = transforms.turbo_decode_for_box(encoded.getvalue(), 128, 96, box, options)
+    assert pixels.shape[:2] == (36, 48) and scaled == tuple(v * 0.375 for v in box)
+    full = transforms.decode_image(encoded.getvalue(), 20_000, (255, 255, 255))
+    reference = transforms.crop_resize(full, box, options)
+    assert np.abs(transforms.crop_resize(pixels, scaled, options).astype(int) - reference).mean() < 3
+
+
 def test_palette_with_transparency_is_composited_over_the_background():
     palette = Image.new("P", (SIZE, SIZE), 0)
     palette.putpalette([0, 0, 255] + [0, 255, 0] * 255)
@@ -347,6 +361,30 @@ def test_worker_processes_give_the_same_batches(dataset_dir, word_tokenizer):
         np.testing.assert_array_equal(next(workers)["image"], after["image"])
     finally:
         workers.close()
+
+
+def test_worker_chunks_give_the_in_process_batches_and_skip_counts(bad_dir, word_tokenizer):
+    part = sources.open_source(sources.SourceSpec(str(bad_dir / "bad-*.array_record"), "train", 1.0), "test")
+    in_process = make_iterator([part], word_tokenizer, global_batch=4)
+    workers = make_iterator([part], word_tokenizer, global_batch=4,
+                            options=pipeline.LoaderOptions(worker_count=2, worker_buffer=2))
+    try:
+        for _ in range(12):  # batches made of rows of several chunks, around skipped records
+            np.testing.assert_array_equal(next(workers)["image"], next(in_process)["image"])
+        assert workers.get_state() == in_process.get_state()
+    finally:
+        workers.close()
+
+
+def test_data_benchmark_reports_decode_and_pipeline_rates(tmp_path):
+    from vlp_jax.data import benchmark
+
+    spec = benchmark.DataBenchmark(count=8, size=(96, 64), quality=90, workers=(0,), batch=4, seconds=0.2,
+                                   data_dir=str(tmp_path / "shards"), windows=2)
+    lines = benchmark.run(tiny_config(), spec)
+    rates = {line.split("  ")[1].strip(): line for line in lines if line.startswith("  ")}
+    assert {benchmark.PIL_FULL, benchmark.TURBO_FULL, benchmark.TURBO_SCALED, "0 workers (1 core)"} <= set(rates)
+    assert lines[-1].startswith("target: per core >= 70% of the full-size PIL decode rate: ")
 
 
 def world_config(tmp_path, noise_fraction):

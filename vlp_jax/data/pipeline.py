@@ -9,9 +9,13 @@ Training reads an endless stream built from `config.data.train_sources` (sources
        generator seeded by the element's position in the global stream
     -> this process's slice: elements p, p + P, p + 2P, ... of the global stream, so the P processes read disjoint
        elements that together cover every epoch once, and a global batch holds the same examples whatever P is
+    -> chunks of consecutive elements, stacked where they were made (a worker process hands the main process one
+       shared-memory block per array per chunk of WORKER_CHUNK elements, not one per element; without workers a
+       chunk is a whole local batch, so the stacking is the batching)
     -> read threads and worker processes prefetching ahead (config.data.loader)
-    -> this process's share of the global batch, assembled in the main process, where skipped records are counted
-       and logged; train.py makes the global jax.Array (parallel.global_batch_from_local).
+    -> this process's share of the global batch, assembled in the main process from the chunks' rows, where
+       skipped records are counted and logged; train.py makes the global jax.Array
+       (parallel.global_batch_from_local).
 
 The iterator's state (`get_state` / `set_state`, JSON) is each process's position in its slice, the number of
 batches yielded and the skip counts. A restored iterator rebuilds the stream from that position, so it yields
@@ -40,6 +44,7 @@ from vlp_jax.data.tokenizer import Tokenizer, train_tokenizer
 TOKENIZER_FILE = "tokenizer.model"  # in the workdir, when config.data.tokenizer.path is empty
 WORLD_DIR = "data"  # the embedded world's shards go to <workdir>/data unless config.data.world_dir is set
 _SHUFFLE_STREAM, _EXAMPLE_STREAM = 0, 1  # independent seeds under config.seed
+WORKER_CHUNK = 8  # elements a worker process stacks and hands over at once
 
 
 @dataclasses.dataclass
@@ -80,7 +85,7 @@ class LoaderOptions:
     worker_count: int = 0  # grain worker processes; 0 = decode in this process
     read_threads: int = 0  # threads per process reading and transforming elements; 0 = synchronously
     prefetch: int = 1  # elements the read threads work ahead
-    worker_buffer: int = 1  # elements each worker process keeps ready
+    worker_buffer: int = 1  # elements each worker process keeps ready (rounded up to whole chunks)
     skip_log_limit: int = 0  # skipped records logged one by one per reason (all are counted); 0 = none
 
     @classmethod
@@ -111,6 +116,23 @@ class SkipLog:
             more = " (later records skipped for this reason are counted, not logged)" if count == self.limit else ""
             logging.warning("skipped record %s at %s: %s: %s%s", skipped.record_id or "(id unknown)", skipped.where,
                             skipped.reason, skipped.message, more)
+
+
+def stack_chunk(items: list) -> dict:
+    """Consecutive stream elements as one structure of few arrays: "examples", the examples among them stacked
+    (dict of [k, ...] arrays, k = the number of examples, in stream order) and "skipped", per element its Skipped
+    marker or None for the next row of "examples"."""
+    good = [item for item in items if not isinstance(item, Skipped)]
+    stacked = {key: np.stack([example[key] for example in good]) for key in good[0]} if good else {}
+    return {"examples": stacked, "skipped": [item if isinstance(item, Skipped) else None for item in items]}
+
+
+def _rows(pieces: list[tuple[dict, int, int]]) -> dict[str, np.ndarray]:
+    """A batch from (examples, first row, end row) pieces of chunks; one whole chunk is used as it is."""
+    (examples, first, end), *more = pieces
+    if not more and first == 0 and end == len(next(iter(examples.values()))):
+        return {key: np.asarray(value) for key, value in examples.items()}
+    return {key: np.concatenate([piece[key][a:b] for piece, a, b in pieces]) for key in examples}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +214,14 @@ class TrainIterator:
         self._next_index = 0  # elements of this process's slice consumed so far
         self._batches = 0  # batches yielded so far
         self._skipped_in_a_row = 0
-        self._iterator = None  # grain iterator, built on first use from _next_index
+        self._iterator = None  # grain iterator of chunks, built on first use from _next_index
+        self._chunk = None  # the chunk being consumed (see stack_chunk), its next element and next example row
+        self._offset = self._row = 0
+
+    @property
+    def chunk_size(self) -> int:
+        """Elements per chunk: WORKER_CHUNK with worker processes, else the local batch."""
+        return WORKER_CHUNK if self.options.worker_count else self.local_batch
 
     @property
     def epoch(self) -> int:
@@ -210,14 +239,16 @@ class TrainIterator:
         stream = self.source.epoch(self.seed).repeat()  # endless; each epoch reshuffled
         stream = stream.random_map(self.source.prepare, seed=example_seed)  # generator keyed by global position
         stream = stream[self.process_index :: self.process_count][start:]
+        chunk = self.chunk_size
+        stream = stream.batch(chunk, batch_fn=stack_chunk)
         options = self.options
         stream = stream.to_iter_dataset(
-            grain.ReadOptions(num_threads=options.read_threads, prefetch_buffer_size=options.prefetch)
+            grain.ReadOptions(num_threads=options.read_threads, prefetch_buffer_size=-(-options.prefetch // chunk))
         )
         if options.worker_count:
             stream = stream.mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=options.worker_count,
-                                             per_worker_buffer_size=options.worker_buffer)
+                                             per_worker_buffer_size=-(-options.worker_buffer // chunk))
             )
         return stream
 
@@ -227,23 +258,34 @@ class TrainIterator:
     def __next__(self) -> dict[str, np.ndarray]:
         if self._iterator is None:
             self._iterator = iter(self._stream(self._next_index))
-        batch = []
-        while len(batch) < self.local_batch:
-            item = next(self._iterator)
-            self._next_index += 1
-            if isinstance(item, Skipped):
-                self.skips.add(item)
-                self._skipped_in_a_row += 1
-                if self._skipped_in_a_row * self.process_count >= self.epoch_length:
-                    raise RuntimeError(
-                        f"every record of a whole epoch was skipped ({dict(self.skips.counts)}); the training "
-                        "sources hold no usable record: check config.data.train_sources and the log lines above"
-                    )
-                continue
-            self._skipped_in_a_row = 0
-            batch.append(item)
+        pieces, wanted = [], self.local_batch
+        while wanted:
+            if self._chunk is None or self._offset == len(self._chunk["skipped"]):
+                self._chunk, self._offset, self._row = next(self._iterator), 0, 0
+            markers, first = self._chunk["skipped"], self._row
+            while wanted and self._offset < len(markers):  # the chunk's examples used here are rows first..row
+                marker = markers[self._offset]
+                self._offset += 1
+                self._next_index += 1
+                if marker is None:
+                    self._row += 1
+                    wanted -= 1
+                    self._skipped_in_a_row = 0
+                else:
+                    self._skip(marker)
+            if self._row > first:
+                pieces.append((self._chunk["examples"], first, self._row))
         self._batches += 1
-        return {key: np.stack([example[key] for example in batch]) for key in batch[0]}
+        return _rows(pieces)
+
+    def _skip(self, skipped: Skipped) -> None:
+        self.skips.add(skipped)
+        self._skipped_in_a_row += 1
+        if self._skipped_in_a_row * self.process_count >= self.epoch_length:
+            raise RuntimeError(
+                f"every record of a whole epoch was skipped ({dict(self.skips.counts)}); the training "
+                "sources hold no usable record: check config.data.train_sources and the log lines above"
+            )
 
     def _gathered(self) -> tuple[dict[str, int], dict[str, int]]:
         """(positions by process index, skip counts summed over processes); a collective on multi-host runs."""
@@ -288,7 +330,7 @@ class TrainIterator:
         """Stops the reading threads and worker processes (a later batch restarts them)."""
         if self._iterator is not None and hasattr(self._iterator, "close"):
             self._iterator.close()
-        self._iterator = None
+        self._iterator = self._chunk = None  # a later batch resumes at _next_index, past the elements used
 
 
 @dataclasses.dataclass

@@ -186,7 +186,7 @@ def crop_resize(image: Image.Image | np.ndarray, box: Box, options: ImageOptions
     return np.asarray(image)
 
 
-def _turbo_jpeg_size(data: bytes) -> tuple[int, int] | None:
+def turbo_jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) of a JPEG that libjpeg-turbo decodes straight to RGB; None for anything else."""
     if not data.startswith(_JPEG_START):
         return None
@@ -197,9 +197,10 @@ def _turbo_jpeg_size(data: bytes) -> tuple[int, int] | None:
     return (width, height) if colourspace in _TURBO_COLOURSPACES else None
 
 
-def _turbo_crop(data: bytes, width: int, height: int, box: Box, options: ImageOptions) -> np.ndarray:
-    """Decodes a JPEG at the smallest DCT scale (n/8) leaving ``box`` at least size pixels each way, then crops
-    and resizes it."""
+def turbo_decode_for_box(data: bytes, width: int, height: int, box: Box, options: ImageOptions
+                         ) -> tuple[np.ndarray, Box]:
+    """Decodes a JPEG at the smallest DCT scale (n/8) that leaves ``box`` at least size pixels each way:
+    (uint8 [h, w, 3] pixels, the box in their coordinates). libjpeg-turbo picks the scale from the minimum size."""
     x0, y0, x1, y1 = box
     minimum = (math.ceil(width * options.size / (x1 - x0)), math.ceil(height * options.size / (y1 - y0)))
     try:
@@ -210,17 +211,17 @@ def _turbo_crop(data: bytes, width: int, height: int, box: Box, options: ImageOp
     except ValueError as error:  # libjpeg-turbo's errors and, strict, its warnings (premature end of data)
         raise ImageError("truncated_image", f"JPEG {width}x{height}: {error}") from error
     scale_x, scale_y = pixels.shape[1] / width, pixels.shape[0] / height
-    return crop_resize(pixels, (x0 * scale_x, y0 * scale_y, x1 * scale_x, y1 * scale_y), options)
+    return pixels, (x0 * scale_x, y0 * scale_y, x1 * scale_x, y1 * scale_y)
 
 
 def _decode_crop(data: bytes, options: ImageOptions, choose_box) -> np.ndarray:
     """Stored bytes -> the box ``choose_box(width, height)`` picks, resized; raises ImageError."""
     if not data:
         raise ImageError("empty_image", "zero image bytes")
-    size = _turbo_jpeg_size(data)
+    size = turbo_jpeg_size(data)
     if size is not None:
         _check_pixels(*size, options.max_pixels)
-        return _turbo_crop(data, *size, choose_box(*size), options)
+        return crop_resize(*turbo_decode_for_box(data, *size, choose_box(*size), options), options)
     image = open_image(data, options.max_pixels)
     box = choose_box(*image.size)
     return crop_resize(load_rgb(image, options.background), box, options)
