@@ -203,9 +203,25 @@ def test_step_flops_counts_each_methods_own_program():
     assert metrics.step_flops(brivl_step, brivl_config) > 4 / 3 * formula
 
 
+def test_step_flops_of_a_backend_without_lowered_analysis_come_from_the_cpu_backend():
+    config, step = lowered_tiny_step("clip")
+
+    class GpuLike:  # GPU plugins return None for a lowered program's cost analysis
+        def cost_analysis(self):
+            return None
+
+        def compiler_ir(self, dialect):
+            return step.compiler_ir(dialect)
+
+    assert metrics.step_flops(GpuLike(), config) == metrics.step_flops(step, config)
+
+
 def test_step_flops_falls_back_to_the_formula():
     class NoAnalysis:
         def cost_analysis(self):
+            raise NotImplementedError
+
+        def compiler_ir(self, dialect):
             raise NotImplementedError
 
     config = ml_collections.ConfigDict(dict(model=tiny_model_config(), train=dict(batch_size=4)))

@@ -75,18 +75,29 @@ def step_flops(lowered, config: ml_collections.ConfigDict) -> float:
     """Model FLOPs of one train step: XLA's cost analysis of the lowered step (`jax.jit(...).lower(...)`).
 
     The lowered program is the global, unpartitioned computation, so the figure does not depend on the mesh and
-    excludes rematerialisation. Falls back to the CLIP formula when the backend gives no count.
+    excludes rematerialisation. Backends that cannot analyse a lowered program (GPU plugins in jax 0.10/0.11
+    return None; their compiled analysis misses the work inside library calls) have it analysed by the CPU
+    backend, which every jaxlib has. Falls back to the CLIP formula when neither gives a count.
     """
-    try:
-        analysis = lowered.cost_analysis()
-    except (NotImplementedError, RuntimeError, ValueError):  # a backend without cost analysis
-        analysis = None
-    if isinstance(analysis, (list, tuple)):  # older jax returned one dict per computation
-        analysis = analysis[0] if analysis else None
-    flops = (analysis or {}).get("flops")
-    if flops and flops > 0:
-        return float(flops)
+    for analyse in (lambda: lowered.cost_analysis(), lambda: _cpu_cost_analysis(lowered)):
+        try:
+            analysis = analyse()
+        except (NotImplementedError, RuntimeError, ValueError, AttributeError, ImportError):
+            analysis = None  # this backend or jax version cannot; try the next way
+        if isinstance(analysis, (list, tuple)):  # older jax returned one dict per computation
+            analysis = analysis[0] if analysis else None
+        flops = (analysis or {}).get("flops")
+        if flops and flops > 0:
+            return float(flops)
     return train_flops_per_step(config.model, config.train.batch_size)
+
+
+def _cpu_cost_analysis(lowered) -> dict[str, float]:
+    """XLA's cost analysis of a lowered program by the CPU backend, whatever backend it was lowered for."""
+    from jax._src import xla_bridge  # private: jax has no public route to another backend's analysis
+    from jax._src.lib import _jax
+
+    return _jax.hlo_module_cost_analysis(xla_bridge.get_backend("cpu"), lowered.compiler_ir("hlo").as_hlo_module())
 
 
 # Dense (no sparsity) peak FLOP/s per JAX device, matched by substring of the lower-cased
