@@ -211,6 +211,24 @@ def test_auto_cap_is_the_images_a_short_run_trained_on(steps, batch, max_example
     assert suite.eval_scope(config).limit == limit
 
 
+@pytest.mark.parametrize("max_examples, mesh_data, eval_batch", [
+    (-1, 8, 64),  # the smoke run's 64 images: one batch of 64, not the configured 1024
+    (20, 8, 24),  # rounded up to whole shares of the 8 data-parallel devices
+    (20, 1, 20),
+    (0, 8, 1024),  # uncapped: the configured batch
+    (5000, 8, 1024),
+])
+def test_a_capped_evaluation_embeds_in_batches_no_larger_than_its_cap(max_examples, mesh_data, eval_batch):
+    import jax
+
+    from vlp_jax import parallel
+
+    config = tiny_config(steps=2, batch_size=8)
+    config.eval.update(dict(max_examples=max_examples, batch_size=1024))
+    mesh = parallel.make_mesh(config.mesh, jax.devices()[:mesh_data])
+    assert suite.eval_batch_size(config, mesh) == eval_batch
+
+
 def test_the_picture_carries_its_title():
     queries = [picture.ImageQuery(np.zeros((4, 4, 3), np.uint8), ["a"], [True])]
     plain = picture.retrieval_picture(queries, [], 16)

@@ -22,7 +22,15 @@ from vlp_jax.checkpoint import Checkpointer, absolute, abstract_like, open_exist
 from vlp_jax.data import pipeline
 from vlp_jax.data.tokenizer import Tokenizer
 from vlp_jax.evaluate.retrieval import format_table
-from vlp_jax.evaluate.suite import EvalScope, EvalSuite, capped, eval_scope, first_images, save_report
+from vlp_jax.evaluate.suite import (
+    EvalScope,
+    EvalSuite,
+    capped,
+    eval_batch_size,
+    eval_scope,
+    first_images,
+    save_report,
+)
 from vlp_jax.optimizer import learning_rate_schedule, make_optimizer
 from vlp_jax.state import TrainState, count_params, create_train_state
 
@@ -99,7 +107,7 @@ def make_evaluator(method, param_shardings, mesh: Mesh, config: ml_collections.C
     """
     factory = getattr(method, "make_evaluator", None)
     if factory is not None:
-        return factory(param_shardings, mesh, config.eval.batch_size)
+        return factory(param_shardings, mesh, eval_batch_size(config, mesh))
     return EvalSuite(method, param_shardings, mesh, config, tokenizer)
 
 

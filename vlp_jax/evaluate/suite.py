@@ -18,15 +18,18 @@ the metrics keys, the JSON report and the picture. `eval_scope` caps what a shor
 import dataclasses
 import glob
 import json
+import math
 import re
 import time
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
 from PIL import Image
 
+from vlp_jax import parallel
 from vlp_jax.data import sources, synthetic
 from vlp_jax.data.pipeline import PairDataset
 from vlp_jax.data.tokenizer import Tokenizer
@@ -61,6 +64,17 @@ def eval_scope(config: ml_collections.ConfigDict) -> EvalScope:
     why = (f"config.eval.max_examples=-1 caps the full evaluation of a run of {config.train.steps} steps × "
            f"{config.train.batch_size} at the images it trained on, at least {SMOKE_EVAL_MIN}")
     return EvalScope(name, max(SMOKE_EVAL_MIN, trained), why)
+
+
+def eval_batch_size(config: ml_collections.ConfigDict, mesh) -> int:
+    """`config.eval.batch_size`, lowered for a capped evaluation to the cap rounded up to whole device and process
+    shares: a smoke run's 64 images are not padded to a batch of 1024 (at 224 px on a CPU, that one batch's
+    activations alone overflow 24 GB)."""
+    limit = eval_scope(config).limit
+    if limit <= 0 or limit >= config.eval.batch_size:
+        return config.eval.batch_size
+    step = math.lcm(parallel.batch_parallelism(mesh), jax.process_count())
+    return min(config.eval.batch_size, math.ceil(limit / step) * step)
 
 
 def capped(dataset: PairDataset, scope: EvalScope) -> PairDataset:
@@ -180,7 +194,7 @@ class EvalSuite:
     def __init__(self, method, param_shardings, mesh, config: ml_collections.ConfigDict, tokenizer: Tokenizer):
         self.config = config
         self.tokenizer = tokenizer
-        self.encoders = Encoders(method, param_shardings, mesh, config.eval.batch_size)
+        self.encoders = Encoders(method, param_shardings, mesh, eval_batch_size(config, mesh))
         self.scorer = scorer_from_config(config.eval, mesh)
         self.scope = eval_scope(config)
         # Built on first use: (task, records skipped by reason) of the world's and the configured tasks.
