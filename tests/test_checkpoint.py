@@ -250,6 +250,7 @@ def two_process_data(tmp_path_factory):
                  "model.image.depth": 1, "model.text.depth": 1,
                  "train.steps": TWO_PROCESS_STEPS, "train.batch_size": 32, "train.warmup_steps": 2,
                  "train.learning_rate": 1e-3, "train.log_every": 1, "eval.batch_size": 32, "eval.every": 1000,
+                 "eval.max_examples": 16, "eval.zeroshot.size": 16,  # the final evaluation is not under test
                  "checkpoint.every": 1000}
     config = clip.get_config("tiny")
     config.update_from_flattened_dict({**overrides, "data.tokenizer.path": ""})
