@@ -395,16 +395,21 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: epath.PathLike, t
     return tokenizer
 
 
+def ordered_stream(parts: list, prepare, options: LoaderOptions):
+    """``prepare`` mapped over every record of ``parts`` in order (no shuffle, no repeat), read ahead by threads."""
+    datasets = [grain.MapDataset.source(part) for part in parts]
+    dataset = datasets[0] if len(datasets) == 1 else grain.MapDataset.concatenate(datasets)
+    return dataset.map(prepare).to_iter_dataset(
+        grain.ReadOptions(num_threads=options.read_threads, prefetch_buffer_size=options.prefetch)
+    )
+
+
 def read_pairs(
     parts: list, prepare: examples.EvalExamples, options: LoaderOptions, what: str, skips: SkipLog | None = None
 ) -> PairDataset:
     """Every readable record of ``parts`` in order, materialised: one image each, all their captions. Skipped
     records are counted in ``skips`` (a new SkipLog if None) and logged."""
-    datasets = [grain.MapDataset.source(part) for part in parts]
-    dataset = datasets[0] if len(datasets) == 1 else grain.MapDataset.concatenate(datasets)
-    items = dataset.map(prepare).to_iter_dataset(
-        grain.ReadOptions(num_threads=options.read_threads, prefetch_buffer_size=options.prefetch)
-    )
+    items = ordered_stream(parts, prepare, options)
     skips = skips or SkipLog(options.skip_log_limit)
     images, texts, groups = [], [], []
     for item in items:

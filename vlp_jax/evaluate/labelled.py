@@ -18,14 +18,13 @@ has the label at all is an error naming the field and the source.
 import collections
 import glob
 
-import grain
 import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
 
 from vlp_jax.data import sources, transforms
-from vlp_jax.data.pipeline import LoaderOptions, SkipLog
+from vlp_jax.data.pipeline import LoaderOptions, SkipLog, ordered_stream
 from vlp_jax.data.sources import Located, Skipped
 from vlp_jax.evaluate.zeroshot import ZeroShotTask
 
@@ -83,11 +82,7 @@ def load_task(name: str, settings: ml_collections.ConfigDict, config: ml_collect
     limit = min(x for x in (limit, settings.max_examples, np.inf) if x > 0)
     options = LoaderOptions.from_config(config.data.loader)
     image = transforms.ImageOptions.from_config(config.data.image, config.model.image.image_size)
-    datasets = [grain.MapDataset.source(part) for part in parts]
-    dataset = datasets[0] if len(datasets) == 1 else grain.MapDataset.concatenate(datasets)
-    items = dataset.map(_LabelledImage(image, field)).to_iter_dataset(
-        grain.ReadOptions(num_threads=options.read_threads, prefetch_buffer_size=options.prefetch)
-    )
+    items = ordered_stream(parts, _LabelledImage(image, field), options)
     unreadable = SkipLog(options.skip_log_limit)
     skipped: collections.Counter[str] = collections.Counter()
     images, labels, keys_seen, unknown_examples = [], [], set(), []
