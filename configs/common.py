@@ -120,6 +120,9 @@ def base_config(size: str) -> ml_collections.ConfigDict:
                 crop_ratio=(3 / 4, 4 / 3),
                 crop_tries=10,
                 resample="bilinear",
+                # "opencv": block averaging then plain interpolation, like tf.image.resize (big_vision), ~8x faster;
+                # "pil": PIL's antialiased resize (open_clip/torchvision).
+                resizer="opencv",
                 fast_jpeg=False,  # libjpeg-turbo's fast IDCT and chroma upsampling: a few % faster, a little less exact
             ),
             loader=dict(

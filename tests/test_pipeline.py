@@ -153,12 +153,35 @@ def test_reduced_scale_decode_maps_an_off_centre_crop_box_like_a_full_decode():
     encoded = io.BytesIO()
     Image.fromarray(smooth).save(encoded, "JPEG", quality=95)
     options = image_options(size=16, max_pixels=20_000)
-    box = (70.0, 8.5, 118.0, 60.5)  # 48 x 52 px: at 3/8 scale 18 x 19.5 px, the smallest n/8 leaving >= 16
+    box = (70.0, 8.5, 118.0, 60.5)  # 48 x 52 px: at 1/2 scale 24 x 26 px, the smallest power of 2 leaving >= 16
     pixels, scaled = transforms.turbo_decode_for_box(encoded.getvalue(), 128, 96, box, options)
-    assert pixels.shape[:2] == (36, 48) and scaled == tuple(v * 0.375 for v in box)
+    assert pixels.shape[:2] == (48, 64) and scaled == tuple(v * 0.5 for v in box)
     full = transforms.decode_image(encoded.getvalue(), 20_000, (255, 255, 255))
     reference = transforms.crop_resize(full, box, options)
     assert np.abs(transforms.crop_resize(pixels, scaled, options).astype(int) - reference).mean() < 3
+
+
+def test_opencv_resizer_matches_pils_antialiased_resize_on_a_smooth_image():
+    yy, xx = np.mgrid[0:150, 0:200]
+    smooth = np.stack([xx, yy, (xx + yy) // 2], axis=-1).astype(np.uint8)
+    box = (10.0, 5.0, 190.0, 140.0)  # 180 x 135 -> 64: block-averaged 2x, then 1.05x / 1.41x interpolated
+    fast = transforms.crop_resize(smooth, box, image_options(size=64))
+    pil = transforms.crop_resize(smooth, box, image_options(size=64, resizer="pil"))
+    assert fast.shape == pil.shape == (64, 64, 3) and fast.dtype == np.uint8
+    assert np.abs(fast.astype(int) - pil).mean() < 1.0
+
+
+def test_opencv_resizer_averages_blocks_before_a_large_downscale_instead_of_aliasing():
+    yy, xx = np.mgrid[0:700, 0:900]
+    stripes = np.repeat((((xx + yy) % 2) * 255).astype(np.uint8)[..., None], 3, axis=-1)  # 1-px checkerboard
+    out = transforms.crop_resize(stripes, (0.0, 0.0, 900.0, 700.0), image_options(size=64))
+    assert np.abs(out.astype(float) - 127.5).max() <= 3  # plain bilinear sampling would give 0s and 255s
+    options = transforms.ImageOptions.from_config(tiny_config().data.image, 16)
+    assert options.resizer == "opencv"
+    bad = tiny_config().data.image
+    bad.resizer = "cv2"
+    with pytest.raises(ValueError, match=r"config.data.image.resizer='cv2'; use one of \['opencv', 'pil'\]"):
+        transforms.ImageOptions.from_config(bad, 16)
 
 
 def test_palette_with_transparency_is_composited_over_the_background():
@@ -384,6 +407,9 @@ def test_data_benchmark_reports_decode_and_pipeline_rates(tmp_path):
     lines = benchmark.run(tiny_config(), spec)
     rates = {line.split("  ")[1].strip(): line for line in lines if line.startswith("  ")}
     assert {benchmark.PIL_FULL, benchmark.TURBO_FULL, benchmark.TURBO_SCALED, "0 workers (1 core)"} <= set(rates)
+    rate, per_core, reference, ratio = rates["0 workers (1 core)"].split()[4:8]
+    assert float(rate) == float(per_core) > 0 and float(reference) > 0
+    assert ratio == f"{float(per_core) / float(reference):.1%}"
     assert lines[-1].startswith("target: per core >= 70% of PIL's full-size decode rate at the same number of cores: "
                                 "0 workers ")
 

@@ -2,7 +2,8 @@
 
 Training reads an endless stream built from `config.data.train_sources` (sources.py):
 
-    each source, shuffled globally (grain index_shuffle, reseeded every epoch)
+    each source, shuffled globally and reseeded every epoch (grain's index_shuffle; for sources of up to
+    PERMUTE_LIMIT records a stored permutation, which index_shuffle is slow for: 75 us per index at 1,024 records)
     -> mixed by weight (grain MapDataset.mix; an epoch of the mixture ends when one source is used up)
     -> repeated without end
     -> record -> example (examples.TrainExamples: decode, random resized crop, one random caption, tokens), with a
@@ -45,6 +46,7 @@ TOKENIZER_FILE = "tokenizer.model"  # in the workdir, when config.data.tokenizer
 WORLD_DIR = "data"  # the embedded world's shards go to <workdir>/data unless config.data.world_dir is set
 _SHUFFLE_STREAM, _EXAMPLE_STREAM = 0, 1  # independent seeds under config.seed
 WORKER_CHUNK = 8  # elements a worker process stacks and hands over at once
+PERMUTE_LIMIT = 1 << 20  # sources up to this many records are shuffled by a stored permutation (4 MiB)
 
 
 @dataclasses.dataclass
@@ -146,10 +148,45 @@ class TrainSource:
     def epoch(self, seed: int) -> grain.MapDataset:
         """One epoch of items: each part globally shuffled (reseeded per epoch when repeated), then mixed."""
         seeds = np.random.SeedSequence((seed, _SHUFFLE_STREAM)).generate_state(len(self.parts))
-        shuffled = [
-            grain.MapDataset.source(part).shuffle(seed=int(s)) for part, s in zip(self.parts, seeds, strict=True)
-        ]
+        shuffled = [shuffle(grain.MapDataset.source(part), int(s)) for part, s in zip(self.parts, seeds, strict=True)]
         return shuffled[0] if len(shuffled) == 1 else grain.MapDataset.mix(shuffled, self.weights)
+
+
+def shuffle(dataset: grain.MapDataset, seed: int) -> grain.MapDataset:
+    """``dataset`` globally shuffled, differently in every epoch (index // len): grain's index_shuffle, or for up
+    to PERMUTE_LIMIT records a stored permutation (index_shuffle walks cycles over a domain of at least 2^16, so
+    a small source costs up to ~0.3 ms per index)."""
+    return _PermutedDataset(dataset, seed) if len(dataset) <= PERMUTE_LIMIT else dataset.shuffle(seed=seed)
+
+
+class _PermutedDataset(grain.MapDataset):
+    """Element i of epoch e is parent[e * n + permutation_e[i]], permutation_e drawn from (seed, e)."""
+
+    _EPOCHS_KEPT = 2  # read-ahead crosses epoch boundaries: the current and the next permutation are kept
+
+    def __init__(self, parent: grain.MapDataset, seed: int):
+        super().__init__(parent)
+        self._seed = seed
+        self._orders: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __str__(self) -> str:
+        return f"_PermutedDataset(seed={self._seed})"
+
+    def _order(self, epoch: int) -> np.ndarray:
+        order = self._orders.get(epoch)
+        if order is None:  # threads may both compute it: the same array, and dict assignment is atomic
+            order = np.random.default_rng((self._seed, epoch)).permutation(len(self._parent)).astype(np.int32)
+            self._orders = {e: o for e, o in self._orders.items() if e > epoch - self._EPOCHS_KEPT} | {epoch: order}
+        return order
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, position = divmod(index, len(self._parent))
+        return self._parent[epoch * len(self._parent) + int(self._order(epoch)[position])]
 
 
 class _ImageIndices:
