@@ -6,7 +6,8 @@ photos, unlike flat synthetic shapes) with world captions, then measures on the 
   is set against: >= 70% of it per core), libjpeg-turbo (simplejpeg) at full size, and libjpeg-turbo at the
   reduced DCT scale the pipeline itself decodes at for its random crops (transforms.turbo_decode_for_box: the
   smallest of 1/8, 1/4, 1/2, 1 that keeps the crop >= the output size). The pipeline is compared with the
-  full-size PIL decode, so the time it saves by decoding fewer pixels counts in its favour; the last baseline shows how much that is;
+  full-size PIL decode, so the time it saves by decoding fewer pixels counts in its favour; the last baseline
+  shows how much that is;
 - the pipeline: ArrayRecord read, record decode, JPEG decode, random resized crop to the model's image size,
   caption choice, tokenisation and batching, with 0 worker processes (all in this process) or W workers (W
   processes decode; the main process only assembles batches),
