@@ -15,7 +15,7 @@ from vlp_jax import parallel, train
 from vlp_jax.checkpoint import Checkpointer, abstract_like
 from vlp_jax.data import records, synthetic
 from vlp_jax.data.tokenizer import Tokenizer
-from vlp_jax.evaluate import labelled, picture, suite, zeroshot
+from vlp_jax.evaluate import labelled, picture, scope, zeroshot
 
 NUM_RECORDS, CAP = 72, 40
 
@@ -146,7 +146,7 @@ def test_the_eval_set_is_named_after_its_source_and_capped_with_a_log_line(label
     assert speed["num_images"] == CAP and speed["num_texts"] == sum(len(r.captions) for r in
                                                                     labelled_eval["written"][:CAP])
     assert report["sets"]["colour_shapes"]["retrieval"] == labelled_eval["final"]
-    assert f"reads the first {CAP} of the {NUM_RECORDS} colour_shapes eval images" in log
+    assert f"reads the first {CAP} of the {NUM_RECORDS} colour_shapes eval records" in log
     assert f"config.eval.max_examples={CAP}" in log and "--config.eval.max_examples=0 for the whole set" in log
     assert all(task["num_images"] == CAP for name, task in report["zeroshot"].items() if name != "shard_colour")
     last = read_metrics(out)[-1]
@@ -190,17 +190,17 @@ def test_task_settings_errors_and_class_names_beside_the_shards(tmp_path):
 def test_eval_set_names_follow_the_source(tmp_path):
     (tmp_path / "coco").mkdir()
     (tmp_path / "emoji" / "shards").mkdir(parents=True)
-    assert suite.eval_set_name("synthetic") == "embedded"
-    assert suite.eval_set_name(f"{tmp_path}/coco") == "coco"
-    assert suite.eval_set_name(f"{tmp_path}/coco:val") == "coco_val"
-    assert suite.eval_set_name(f"{tmp_path}/emoji/shards:eval") == "emoji"  # a generic folder: its parent's name
-    assert suite.eval_set_name(f"{tmp_path}/coco/val-*.array_record") == "coco"
-    assert suite.eval_set_name("tfds:coco_captions:val[:10%]") == "coco_captions_val_10"
-    assert suite.eval_set_name(f"synthetic,{tmp_path}/coco@2") == "embedded+coco"
+    assert scope.eval_set_name("synthetic") == "embedded"
+    assert scope.eval_set_name(f"{tmp_path}/coco") == "coco"
+    assert scope.eval_set_name(f"{tmp_path}/coco:val") == "coco_val"
+    assert scope.eval_set_name(f"{tmp_path}/emoji/shards:eval") == "emoji"  # a generic folder: its parent's name
+    assert scope.eval_set_name(f"{tmp_path}/coco/val-*.array_record") == "coco"
+    assert scope.eval_set_name("tfds:coco_captions:val[:10%]") == "coco_captions_val_10"
+    assert scope.eval_set_name(f"synthetic,{tmp_path}/coco@2") == "embedded+coco"
 
 
 @pytest.mark.parametrize("steps, batch, max_examples, limit", [
-    (2, 8, -1, suite.SMOKE_EVAL_MIN),  # the base COTS smoke command: 16 trained images, at least 64 evaluated
+    (2, 8, -1, scope.SMOKE_EVAL_MIN),  # the base COTS smoke command: 16 trained images, at least 64 evaluated
     (30, 64, -1, 30 * 64),  # a run that trained on more images than the eval set holds is not capped
     (2, 8, 0, 0),  # 0 = everything
     (2, 8, 500, 500),
@@ -208,7 +208,31 @@ def test_eval_set_names_follow_the_source(tmp_path):
 def test_auto_cap_is_the_images_a_short_run_trained_on(steps, batch, max_examples, limit):
     config = tiny_config(steps=steps, batch_size=batch)
     config.eval.max_examples = max_examples
-    assert suite.eval_scope(config).limit == limit
+    assert scope.eval_scope(config).limit == limit
+
+
+@pytest.mark.parametrize("limit, subset_size, read", [(0, 16, 0), (64, 16, 64), (64, 256, 256), (64, 0, 0)])
+def test_a_capped_evaluation_reads_only_what_it_scores(limit, subset_size, read):
+    assert scope.EvalScope("set", limit).read_limit(subset_size) == read
+
+
+def test_load_eval_stops_reading_at_its_limit_and_counts_the_records(tmp_path):
+    from vlp_jax.data import pipeline
+
+    config = tiny_config()
+    config.data.eval_size = 40
+    config.data.world_dir = str(tmp_path / "world")
+    tokenizer = pipeline.load_tokenizer(config, tmp_path, pipeline.open_sources(config, "train", tmp_path)[0])
+    whole = pipeline.load_eval(config, tmp_path, tokenizer)
+    first = pipeline.load_eval(config, tmp_path, tokenizer, limit=12)
+    assert len(whole) == whole.source_records == 40
+    assert len(first) == 12 and first.source_records == 40
+    expected = whole.first_images(12)
+    np.testing.assert_array_equal(first.images, expected.images)
+    np.testing.assert_array_equal(first.captions, expected.captions)
+    np.testing.assert_array_equal(first.caption_image, expected.caption_image)
+    named = scope.EvalScope("embedded", 12, "config.eval.max_examples=12")
+    assert scope.capped(first, named) is first and scope.records_available(first) == 40
 
 
 @pytest.mark.parametrize("max_examples, mesh_data, eval_batch", [
@@ -226,7 +250,7 @@ def test_a_capped_evaluation_embeds_in_batches_no_larger_than_its_cap(max_exampl
     config = tiny_config(steps=2, batch_size=8)
     config.eval.update(dict(max_examples=max_examples, batch_size=1024))
     mesh = parallel.make_mesh(config.mesh, jax.devices()[:mesh_data])
-    assert suite.eval_batch_size(config, mesh) == eval_batch
+    assert scope.eval_batch_size(config, mesh) == eval_batch
 
 
 def test_the_picture_carries_its_title():

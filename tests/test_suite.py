@@ -12,7 +12,7 @@ from PIL import Image
 from tests.helpers import read_metrics, tiny_config
 from vlp_jax import metrics, parallel, train
 from vlp_jax.data.pipeline import PairDataset
-from vlp_jax.evaluate import suite
+from vlp_jax.evaluate import scope, suite
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +30,10 @@ def test_first_images_keeps_their_captions_and_groups():
         caption_image=np.array([0, 3, 1, 0, 4, 2, 1, 3]),
         image_groups=np.array([7, 7, 8, 9, 9]),
     )
-    subset = suite.first_images(dataset, 2)
+    subset = dataset.first_images(2)
     assert len(subset) == 2 and subset.captions[:, 0].tolist() == [0, 2, 3, 6]
     assert subset.caption_image.tolist() == [0, 1, 0, 1] and subset.image_groups.tolist() == [7, 7]
-    assert suite.first_images(dataset, 0) is dataset and suite.first_images(dataset, 5) is dataset
+    assert dataset.first_images(0) is dataset and dataset.first_images(5) is dataset
 
 
 def test_trained_tiny_model_is_well_above_chance_zero_shot_and_unimodal(report):
@@ -113,9 +113,9 @@ def test_a_methods_own_evaluator_replaces_the_suite_and_still_gets_a_report(tmp_
     evaluator = train.make_evaluator(OwnEvaluation(), None, None, config, tokenizer=None)
     state = types.SimpleNamespace(params=1.0, extra=2.0)
     writer = metrics.MetricWriter(tmp_path, use_tensorboard=False)
-    scope = suite.EvalScope("my_set", limit=0)
+    own_scope = scope.EvalScope("my_set", limit=0)
     results = train.evaluate_fully(evaluator, state, _Sized(np.zeros((4, 2, 2, 3))), writer, 7, tmp_path, "ckpt/7",
-                                   scope)
+                                   own_scope)
     writer.close()
     assert seen["batch_size"] == config.eval.batch_size and results == {"mse": 7.0}
     written = json.loads((tmp_path / train.EVAL_DIR / "step_7.json").read_text())
@@ -163,7 +163,7 @@ def test_evaluations_compile_once_whatever_the_set_size():
     def compiled():  # jit caches: the encoders' own, and the tile's (shared by every Scorer, hence a difference)
         return evaluator.encoders.compiled_versions(), evaluator.scorer._rank_tile._cache_size()
 
-    subset = evaluator({}, None, suite.first_images(dataset, 16))  # as during training
+    subset = evaluator({}, None, dataset.first_images(16))  # as during training
     after_subset = compiled()
     whole = evaluator({}, None, dataset)  # as at the end
     assert after_subset[0] == 2 and compiled() == after_subset  # one encoder per modality, nothing new after

@@ -22,15 +22,8 @@ from vlp_jax.checkpoint import Checkpointer, absolute, abstract_like, open_exist
 from vlp_jax.data import pipeline
 from vlp_jax.data.tokenizer import Tokenizer
 from vlp_jax.evaluate.retrieval import format_table
-from vlp_jax.evaluate.suite import (
-    EvalScope,
-    EvalSuite,
-    capped,
-    eval_batch_size,
-    eval_scope,
-    first_images,
-    save_report,
-)
+from vlp_jax.evaluate.scope import EvalScope, capped, eval_batch_size, eval_scope, records_available
+from vlp_jax.evaluate.suite import EvalSuite, save_report
 from vlp_jax.optimizer import learning_rate_schedule, make_optimizer
 from vlp_jax.state import TrainState, count_params, create_train_state
 
@@ -129,13 +122,13 @@ def evaluate_fully(
 ) -> dict[str, float]:
     """The end-of-run evaluation, also `--mode=eval`; returns the eval set's retrieval metrics.
 
-    It reads at most `scope.limit` eval images (suite.eval_scope) and names the set `scope.name`. With the
+    It reads at most `scope.limit` eval images (scope.eval_scope) and names the set `scope.name`. With the
     retrieval suite: retrieval, unimodal, zero-shot and efficiency (see evaluate/suite.py) as scalars, the
     retrieval picture in TensorBoard, and <workdir>/eval/step_<step>.json / .png. A method's own evaluator: its
     results, also as the JSON report. `checkpoint` names the evaluated checkpoint in the report.
     """
     directory = workdir / EVAL_DIR
-    name, available = scope.name, len(eval_data)
+    name, available = scope.name, records_available(eval_data)
     eval_data = capped(eval_data, scope)
     head = {"checkpoint": checkpoint, "eval_set": {"name": name, "images": len(eval_data), "available": available}}
     if not isinstance(evaluator, EvalSuite):
@@ -282,7 +275,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
 def _train_and_evaluate(config, workdir: str, stop_after: int | None, stop_signal: StopSignal):
     workdir = prepare_workdir(workdir)
     config = methods.prepare(config, workdir, train_and_evaluate)  # earlier stages, e.g. COTS's visual tokenizer
-    data = pipeline.load(config, workdir)
+    scope = eval_scope(config)
+    data = pipeline.load(config, workdir, eval_limit=scope.read_limit(config.eval.subset_size))
     batches, eval_data = data.train, data.eval
     logging.info("data: %d training examples per epoch from %s; %d eval images, %d captions", batches.epoch_length,
                  config.data.train_sources, len(eval_data), len(eval_data.captions))
@@ -300,8 +294,7 @@ def _train_and_evaluate(config, workdir: str, stop_after: int | None, stop_signa
                  memory.format_bytes(estimate.per_device_bytes), memory.format_bytes(estimate.available_bytes))
 
     evaluator = make_evaluator(run.method, run.shardings.params, mesh, config, data.tokenizer)
-    eval_subset = first_images(eval_data, config.eval.subset_size)  # scored every config.eval.every steps
-    scope = eval_scope(config)
+    eval_subset = eval_data.first_images(config.eval.subset_size)  # scored every config.eval.every steps
     subset_name = scope.name if eval_subset is eval_data else f"{scope.name}_subset"
     writer = metrics.MetricWriter(str(workdir), enabled=jax.process_index() == 0)
     device_kind = jax.devices()[0].device_kind
@@ -364,7 +357,8 @@ def evaluate_checkpoint(
     workdir = absolute(workdir) if workdir else run_dir
     config = methods.prepare(config, run_dir, None)
     tokenizer = pipeline.load_tokenizer(config, run_dir, pipeline.open_sources(config, "train", run_dir)[0])
-    eval_data = pipeline.load_eval(config, run_dir, tokenizer)
+    scope = eval_scope(config)
+    eval_data = pipeline.load_eval(config, run_dir, tokenizer, limit=scope.limit)
     run = setup(config, {"image": eval_data.images[:1], "text": eval_data.captions[:1]})
     checkpointer = Checkpointer(run_dir, config.checkpoint)
     state, _ = checkpointer.restore(step, abstract_like(run.state, run.shardings), config)
@@ -373,7 +367,7 @@ def evaluate_checkpoint(
     writer = metrics.MetricWriter(str(workdir), enabled=jax.process_index() == 0)
     try:
         checkpoint_dir = str(checkpointer.directory / str(step))
-        return evaluate_fully(evaluator, state, eval_data, writer, step, workdir, checkpoint_dir, eval_scope(config))
+        return evaluate_fully(evaluator, state, eval_data, writer, step, workdir, checkpoint_dir, scope)
     finally:
         writer.close()
 

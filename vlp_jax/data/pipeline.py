@@ -53,12 +53,15 @@ PERMUTE_LIMIT = 1 << 20  # sources up to this many records are shuffled by a sto
 class PairDataset:
     """Images with their tokenised captions: images uint8 [N, H, W, 3]; captions int32 [M, L] with
     caption_image int [M] naming each caption's image (several captions per image). ``image_groups`` (int [N])
-    gives images showing the same content the same number (e.g. one emoji in several art styles), or is None."""
+    gives images showing the same content the same number (e.g. one emoji in several art styles), or is None.
+    ``source_records`` is the number of records in the sources it was read from (0 when not read from sources):
+    more than its images when reading stopped early or skipped records."""
 
     images: np.ndarray
     captions: np.ndarray
     caption_image: np.ndarray
     image_groups: np.ndarray | None = None
+    source_records: int = 0
 
     def __post_init__(self):
         counts = np.bincount(self.caption_image, minlength=len(self.images))
@@ -73,6 +76,19 @@ class PairDataset:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def first_images(self, num_images: int) -> "PairDataset":
+        """The first `num_images` images with all their captions (and groups); the whole set when 0 or larger."""
+        if num_images <= 0 or num_images >= len(self):
+            return self
+        keep = self.caption_image < num_images
+        return dataclasses.replace(
+            self,
+            images=self.images[:num_images],
+            captions=self.captions[keep],
+            caption_image=self.caption_image[keep],
+            image_groups=None if self.image_groups is None else self.image_groups[:num_images],
+        )
 
     def pick_captions(self, image_ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One uniformly chosen caption per image: int32 [b, L]."""
@@ -442,10 +458,12 @@ def ordered_stream(parts: list, prepare, options: LoaderOptions):
 
 
 def read_pairs(
-    parts: list, prepare: examples.EvalExamples, options: LoaderOptions, what: str, skips: SkipLog | None = None
+    parts: list, prepare: examples.EvalExamples, options: LoaderOptions, what: str, skips: SkipLog | None = None,
+    limit: int = 0,
 ) -> PairDataset:
-    """Every readable record of ``parts`` in order, materialised: one image each, all their captions. Skipped
-    records are counted in ``skips`` (a new SkipLog if None) and logged."""
+    """The readable records of ``parts`` in order, materialised: one image each, all their captions; only the
+    first ``limit`` usable ones when limit > 0 (nothing after them is read or decoded). Skipped records are
+    counted in ``skips`` (a new SkipLog if None) and logged."""
     items = ordered_stream(parts, prepare, options)
     skips = skips or SkipLog(options.skip_log_limit)
     images, texts, groups = [], [], []
@@ -456,12 +474,15 @@ def read_pairs(
         images.append(item["image"])
         texts.append(item["text"])
         groups.append(item["group"])
+        if len(images) == limit:
+            break
     if skips.counts:
         logging.warning("%s: skipped %d records: %s", what, sum(skips.counts.values()), dict(skips.counts))
     if not images:
         raise ValueError(f"{what} holds no usable record ({dict(skips.counts)} skipped)")
     owners = np.concatenate([np.full(len(t), i) for i, t in enumerate(texts)])
-    return PairDataset(np.stack(images), np.concatenate(texts), owners, _group_ids(groups))
+    return PairDataset(np.stack(images), np.concatenate(texts), owners, _group_ids(groups),
+                       source_records=sum(len(part) for part in parts))
 
 
 def _group_ids(groups: list) -> np.ndarray | None:
@@ -474,9 +495,10 @@ def _group_ids(groups: list) -> np.ndarray | None:
 
 def load(
     config: ml_collections.ConfigDict, workdir: epath.PathLike,
-    process_index: int | None = None, process_count: int | None = None,
+    process_index: int | None = None, process_count: int | None = None, eval_limit: int = 0,
 ) -> Data:
-    """The training iterator, evaluation set and tokenizer of `config.data` (see the module docstring)."""
+    """The training iterator, evaluation set (its first `eval_limit` images when > 0) and tokenizer of
+    `config.data` (see the module docstring)."""
     train_parts, weights = open_sources(config, "train", workdir)
     tokenizer = load_tokenizer(config, workdir, train_parts)
     image = transforms.ImageOptions.from_config(config.data.image, config.model.image.image_size)
@@ -485,19 +507,20 @@ def load(
     prepare = examples.TrainExamples(image, tokenizer, config.model.text.max_len, noisy)
     train = TrainIterator(TrainSource(train_parts, weights, prepare), config.train.batch_size, config.seed,
                           process_index, process_count, options)
-    return Data(train, load_eval(config, workdir, tokenizer), tokenizer)
+    return Data(train, load_eval(config, workdir, tokenizer, eval_limit), tokenizer)
 
 
-def load_eval(config: ml_collections.ConfigDict, workdir: epath.PathLike, tokenizer: Tokenizer | None = None
-              ) -> PairDataset:
-    """`config.data.eval_sources` in memory, centre-cropped, every caption tokenised."""
+def load_eval(config: ml_collections.ConfigDict, workdir: epath.PathLike, tokenizer: Tokenizer | None = None,
+              limit: int = 0) -> PairDataset:
+    """`config.data.eval_sources` in memory (the first `limit` usable images when > 0), centre-cropped, every
+    caption tokenised."""
     if tokenizer is None:
         tokenizer = load_tokenizer(config, workdir, open_sources(config, "train", workdir)[0])
     parts, _ = open_sources(config, "eval", workdir)
     image = transforms.ImageOptions.from_config(config.data.image, config.model.image.image_size)
     prepare = examples.EvalExamples(image, tokenizer, config.model.text.max_len, config.data.group_label)
     options = LoaderOptions.from_config(config.data.loader)
-    return read_pairs(parts, prepare, options, f"config.data.eval_sources={config.data.eval_sources}")
+    return read_pairs(parts, prepare, options, f"config.data.eval_sources={config.data.eval_sources}", limit=limit)
 
 
 def load_synthetic(

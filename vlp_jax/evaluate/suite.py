@@ -1,6 +1,6 @@
 """The default evaluator: image↔text retrieval during training; the full suite at the end and in --mode=eval.
 
-Every `config.eval.every` steps the train loop scores a fixed subset of the eval set (`first_images`,
+Every `config.eval.every` steps the train loop scores a fixed subset of the eval set (`PairDataset.first_images`,
 `config.eval.subset_size` images with all their captions) by retrieval alone, compiled once and reused. The full
 suite (`EvalSuite.full`) adds, on the whole eval set:
 - unimodal retrieval: text→text (another caption of the same image), and image→image: within the set when it
@@ -12,117 +12,27 @@ suite (`EvalSuite.full`) adds, on the whole eval set:
 - the retrieval picture (picture.py).
 
 The eval set is named after its source (`eval_set_name`: "embedded" for the world, else the dataset's name) in
-the metrics keys, the JSON report and the picture. `eval_scope` caps what a short run's full evaluation reads.
+the metrics keys, the JSON report and the picture; `scope.eval_scope` caps what a short run's full evaluation
+reads (scope.py).
 """
 
 import dataclasses
-import glob
 import json
-import math
-import re
 import time
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
 from PIL import Image
 
-from vlp_jax import parallel
 from vlp_jax.data import sources, synthetic
 from vlp_jax.data.pipeline import PairDataset
 from vlp_jax.data.tokenizer import Tokenizer
 from vlp_jax.evaluate import efficiency, labelled, picture, unimodal, zeroshot
 from vlp_jax.evaluate.embeddings import Encoders
 from vlp_jax.evaluate.retrieval import format_table, retrieval_metrics, scorer_from_config
-
-WORLD_SET = "embedded"  # the name of the embedded world's eval set
-SMOKE_EVAL_MIN = 64  # images a capped full evaluation reads at the least (config.eval.max_examples=-1)
-_GENERIC_FOLDERS = ("shards", "records", "data", "array_record")  # named after their parent folder instead
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalScope:
-    """What the full evaluation reads: the eval set's name, at most `limit` examples per set and zero-shot task
-    (0 = all), and why it is capped (for the log line)."""
-
-    name: str
-    limit: int
-    why: str = ""
-
-
-def eval_scope(config: ml_collections.ConfigDict) -> EvalScope:
-    """The eval set's name and the full evaluation's cap, from `config.eval.max_examples`: N > 0 caps at N, 0 reads
-    everything, -1 (auto) caps at the images the run trained on (train.steps × batch_size, at least
-    SMOKE_EVAL_MIN), so a smoke run's evaluation costs no more than its training."""
-    name = eval_set_name(config.data.eval_sources)
-    requested = config.eval.max_examples
-    if requested >= 0:
-        return EvalScope(name, requested, f"config.eval.max_examples={requested}")
-    trained = config.train.steps * config.train.batch_size
-    why = (f"config.eval.max_examples=-1 caps the full evaluation of a run of {config.train.steps} steps × "
-           f"{config.train.batch_size} at the images it trained on, at least {SMOKE_EVAL_MIN}")
-    return EvalScope(name, max(SMOKE_EVAL_MIN, trained), why)
-
-
-def eval_batch_size(config: ml_collections.ConfigDict, mesh) -> int:
-    """`config.eval.batch_size`, lowered for a capped evaluation to the cap rounded up to whole device and process
-    shares: a smoke run's 64 images are not padded to a batch of 1024 (at 224 px on a CPU, that one batch's
-    activations alone overflow 24 GB)."""
-    limit = eval_scope(config).limit
-    if limit <= 0 or limit >= config.eval.batch_size:
-        return config.eval.batch_size
-    step = math.lcm(parallel.batch_parallelism(mesh), jax.process_count())
-    return min(config.eval.batch_size, math.ceil(limit / step) * step)
-
-
-def capped(dataset: PairDataset, scope: EvalScope) -> PairDataset:
-    """The first `scope.limit` images of `dataset` (all when it holds no more), saying so in the log when capped."""
-    if not scope.limit or len(dataset) <= scope.limit:
-        return dataset
-    logging.warning("the full evaluation reads the first %d of the %d %s eval images (%s); pass "
-                    "--config.eval.max_examples=0 for the whole set", scope.limit, len(dataset), scope.name, scope.why)
-    return first_images(dataset, scope.limit)
-
-
-def eval_set_name(eval_sources: str) -> str:
-    """A metrics-key-safe name for `config.data.eval_sources`: "embedded" for the world, a tfds dataset's name, a
-    dataset directory's (or a glob's folder's) name, its parent's for a generic one like "shards"; a split other
-    than "eval" is appended, and several sources are joined by "+"."""
-    names = []
-    for spec in sources.parse_specs(eval_sources, "eval", "config.data.eval_sources"):
-        if spec.location == sources.SYNTHETIC:
-            names.append(WORLD_SET)
-            continue
-        if spec.location.startswith(sources.TFDS_PREFIX):
-            name = spec.location[len(sources.TFDS_PREFIX):]
-        else:
-            path = epath.Path(spec.location.rstrip("/"))
-            while path.parent != path and (glob.has_magic(str(path)) or not path.is_dir()):
-                path = path.parent  # a glob or a shard file: named by its folder
-            if path.name in _GENERIC_FOLDERS and path.parent.name:
-                path = path.parent
-            name = path.name or "eval"
-        if spec.split != "eval":
-            name = f"{name}_{spec.split}"
-        names.append(re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_"))
-    return "+".join(dict.fromkeys(names))
-
-
-def first_images(dataset: PairDataset, num_images: int) -> PairDataset:
-    """The first `num_images` images with all their captions (and groups); the whole set when 0 or larger."""
-    if num_images <= 0 or num_images >= len(dataset):
-        return dataset
-    keep = dataset.caption_image < num_images
-    groups = getattr(dataset, "image_groups", None)
-    return dataclasses.replace(
-        dataset,
-        images=dataset.images[:num_images],
-        captions=dataset.captions[keep],
-        caption_image=dataset.caption_image[keep],
-        image_groups=None if groups is None else groups[:num_images],
-    )
+from vlp_jax.evaluate.scope import eval_batch_size, eval_scope
 
 
 def image_labels(dataset: PairDataset) -> np.ndarray:
@@ -272,12 +182,14 @@ class EvalSuite:
     def _zeroshot(self, params) -> dict[str, dict[str, float]]:
         if self._zeroshot_tasks is None:
             self._zeroshot_tasks = [(task, {}) for task in self._world_tasks()] + self._configured_tasks()
-        embedded = {}  # id(images) -> their embeddings: the world's colour and shape tasks share their images
+        embedded = []  # (images, their embeddings): the world's colour and shape tasks share one images array
 
         def embed_images(images: np.ndarray) -> np.ndarray:
-            if id(images) not in embedded:
-                embedded[id(images)] = self.encoders.images(params, images)
-            return embedded[id(images)]
+            for seen, embeddings in embedded:
+                if seen is images:  # the same array object (the tasks hold it alive), not merely equal values
+                    return embeddings
+            embedded.append((images, self.encoders.images(params, images)))
+            return embedded[-1][1]
 
         results = {}
         for task, skipped in self._zeroshot_tasks:
