@@ -161,6 +161,7 @@ def base_config(size: str) -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict(
         dict(
             every=scale["eval"],  # steps between retrievals on the subset; the full suite runs at the end
+            final=True,  # the full suite at the end of training; False leaves it to a later --mode=eval
             batch_size=min(scale["batch"], 1024),
             subset_size=_EVAL[size]["subset"],  # eval images (with all their captions) scored during training; 0 = all
             # Retrieval tiles: query rows × gallery rows scored at once (memory per tile); see evaluate/retrieval.py.

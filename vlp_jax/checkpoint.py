@@ -21,6 +21,17 @@ from etils import epath
 RESUMABLE_CHANGES = ("eval.", "checkpoint.", "train.log_every", "train.steps", "train.device_memory_bytes",
                      "mesh.", "init_from", "data.loader.", "data.eval_sources", "data.group_label")
 ITEMS = ("state", "data", "config")
+# Replicated arrays smaller than this per replica slice are written from one replica. Orbax's replica-parallel
+# save slices every replicated array on its device first, an op compiled per shape: a model's first save blocked
+# training for 10.7 s for 1.4 MiB of small tiny-model arrays (4 s for 62 arrays; 0.06 s with this threshold).
+REPLICA_PARALLEL_MIN_BYTES = 1 << 20
+
+
+def _register_array_handler() -> None:
+    """jax.Array saves go through an ArrayHandler with REPLICA_PARALLEL_MIN_BYTES (orbax's type handlers are
+    process-wide; its platform default for replica-parallel saving is kept)."""
+    handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
 
 
 class CheckpointError(RuntimeError):
@@ -65,6 +76,7 @@ class Checkpointer:
             cleanup_tmp_directories=True,  # leftovers of a save that was killed midway
             enable_async_checkpointing=checkpoint_config.use_async,
         )
+        _register_array_handler()
         self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
 
     def latest_step(self) -> int | None:

@@ -263,7 +263,8 @@ def restore_or_init(run: Setup, checkpointer: Checkpointer, batches, config) -> 
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None):
-    """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final retrieval metrics.
+    """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final retrieval metrics
+    ({} with config.eval.final=False: no final evaluation).
 
     `stop_after` ends this invocation after that many steps (saving first) as a preemption would, and returns
     None: later invocations resume. A SIGTERM/SIGINT saves the step in flight and raises Preempted.
@@ -335,6 +336,10 @@ def _train_and_evaluate(config, workdir: str, stop_after: int | None, stop_signa
             check_nonfinite(*pending, config, checkpointer)
         if step < config.train.steps:
             return None
+        if not config.eval.final:
+            logging.info("config.eval.final=False: no full evaluation; python -m vlp_jax.main --mode=eval "
+                         "--workdir=%s --config=... runs it on the last checkpoint", workdir)
+            return {}
         checkpoint = str(checkpointer.directory / str(step))
         return evaluate_fully(evaluator, state, eval_data, writer, step, workdir, checkpoint, scope)
     finally:
