@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=15
 
 demo: $(STAMP)
 	$(PY) -m vlp_jax.main --config=configs/clip.py:tiny --workdir=workdir/demo
