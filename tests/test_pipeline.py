@@ -515,3 +515,43 @@ def test_tfds_array_record_source_reads_without_tensorflow(tmp_path, word_tokeni
     assert "tensorflow" not in __import__("sys").modules
     with pytest.raises(FileNotFoundError, match="tfds dataset 'missing'"):
         sources.open_source(sources.SourceSpec("tfds:missing", "train", 1.0), "test", tfds_config)
+
+
+def test_a_tfds_classification_set_without_captions_is_a_zero_shot_task_with_its_class_names(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from vlp_jax.evaluate import labelled
+
+    colours = ["red", "green", "blue"]
+
+    class TinyLabels(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3)),
+                "label": tfds.features.ClassLabel(names=colours),
+                "file_name": tfds.features.Text(),
+            })
+            return tfds.core.DatasetInfo(builder=self, features=features)
+
+        def _split_generators(self, dl_manager):
+            return {"validation": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(9):
+                yield i, {"image": image_bytes(i), "label": colours[i % 3], "file_name": f"img{i}.png"}
+
+    TinyLabels(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    config = tiny_config()
+    config.data.tfds.data_dir = str(tmp_path)
+    (spec,) = sources.parse_specs("tfds:tiny_labels:validation", "eval", "test")
+    part = sources.open_source(spec, "test", config.data.tfds)
+    assert not part.has_captions and part.class_names("label") == tuple(colours) and part.class_names("x") is None
+    record = part[4].record
+    assert record.captions == [] and record.labels == {"label": 1, "file_name": "img4.png"}
+    settings = labelled.default_task()
+    settings.update(dict(source="tfds:tiny_labels:validation", label_field="label"))
+    task, skipped = labelled.load_task("tiny", settings, config)
+    assert task.class_names == tuple(colours) and not skipped
+    assert sorted(task.labels.tolist()) == sorted(i % 3 for i in range(9))
+    assert task.images.shape == (9, config.model.image.image_size, config.model.image.image_size, 3)

@@ -4,13 +4,17 @@ Needs the optional extra (`pip install -e '.[tfds]'`). The dataset must already 
 `config.data.tfds.data_dir` (nothing is downloaded at run time) with ``file_format='array_record'``. The image
 feature is read undecoded (tfds.decode.SkipDecoding), so its bytes go through the same decoder, pixel cap and
 transforms as our own shards; captions are read from a configurable feature path ('captions', or e.g.
-'captions/text' for coco_captions).
+'captions/text' for coco_captions). Every other top-level scalar feature (a class label, an id) becomes one of the
+record's labels, as the converter's --label_field columns do, so `config.eval.zeroshot.tasks` can read tfds
+classification sets; a ClassLabel feature keeps its index and gives its class names (`class_names`). A dataset
+without the caption feature is read with no captions: usable for zero-shot tasks, not for training.
 """
 
 import dataclasses
 
 import ml_collections
 import numpy as np
+from absl import logging
 
 from vlp_jax.data.records import ImageTextRecord
 from vlp_jax.data.sources import Located, Skipped
@@ -63,7 +67,20 @@ class TfdsSource:
             known = list(builder.info.splits)
             raise ValueError(f"{flag}: tfds dataset {name!r} has no split {split!r}; it has {known}")
         self._length = builder.info.splits[split].num_examples
+        self._class_names = {key: tuple(feature.names) for key, feature in builder.info.features.items()
+                             if isinstance(feature, tfds.features.ClassLabel)}
+        try:
+            _feature(builder.info.features, self.keys.captions)
+            self.has_captions = True
+        except KeyError:
+            self.has_captions = False
+            logging.warning("%s: tfds dataset %r has no feature %r (config.data.tfds.caption_key): its records "
+                            "have no captions, usable for zero-shot tasks only", flag, name, self.keys.captions)
         self._source = None  # opened lazily in each process
+
+    def class_names(self, feature: str) -> tuple[str, ...] | None:
+        """The class names of a ClassLabel feature (its labels are indices into them); None for other features."""
+        return self._class_names.get(feature)
 
     def _open(self):
         if self._source is None:
@@ -85,14 +102,17 @@ class TfdsSource:
         example = self._open()[index]
         try:
             image = _feature(example, self.keys.image)
-            captions = [_text(caption) for caption in np.atleast_1d(_feature(example, self.keys.captions)).tolist()]
+            captions = [_text(caption) for caption in np.atleast_1d(_feature(example, self.keys.captions)).tolist()
+                        ] if self.has_captions else []
         except KeyError as error:
             return Skipped("missing_field", where, record_id, f"no feature {error} in the tfds example")
         except UnicodeDecodeError as error:
             return Skipped("bad_utf8", where, record_id, f"a caption is not valid UTF-8: {error}")
         if not isinstance(image, bytes):
             return Skipped("bad_field", where, record_id, f"feature {self.keys.image!r} is not encoded image bytes")
-        return Located(ImageTextRecord(id=record_id, image=image, captions=captions), where)
+        skip = {self.keys.image.split("/")[0], self.keys.captions.split("/")[0]}
+        labels = {key: _scalar(value) for key, value in example.items() if key not in skip and np.ndim(value) == 0}
+        return Located(ImageTextRecord(id=record_id, image=image, captions=captions, labels=labels or None), where)
 
     def __repr__(self) -> str:
         return f"TfdsSource({self.name}:{self.split}, {self._length} examples)"
@@ -103,6 +123,13 @@ def _feature(example: dict, path: str):
     for key in path.split("/"):
         example = example[key]
     return example
+
+
+def _scalar(value):
+    """A scalar feature as a plain label: bytes as text, numpy numbers as Python numbers."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return value.item() if isinstance(value, np.generic | np.ndarray) else value
 
 
 def _text(value) -> str:

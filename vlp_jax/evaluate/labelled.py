@@ -6,7 +6,8 @@ A task names
 - `label_field`: the key of a record's `labels` that holds its class, as an index into the class names or as the
   class name itself (`python -m vlp_jax.data.convert ... --label_field=COLUMN` writes the latter);
 - `class_names`: given in the config, else read from `class_names_file`, else from `<label_field>.classnames.txt`
-  or `classnames.txt` beside the shards (one name per line), else the distinct names the records hold (sorted);
+  or `classnames.txt` beside the shards (one name per line), else a tfds ClassLabel feature's names, else the
+  distinct names the records hold (sorted);
 - `templates`: prompts with one "{}" for the class name; empty = `DEFAULT_TEMPLATES`, CLIP's ensemble;
 - `max_examples`: the first labelled images used (0 = all; the suite's own cap applies too).
 
@@ -78,7 +79,7 @@ def load_task(name: str, settings: ml_collections.ConfigDict, config: ml_collect
     field = settings.label_field
     specs = sources.parse_specs(settings.source, "eval", f"{flag}.source")
     parts = [sources.open_source(spec, f"{flag}.source", config.data.tfds) for spec in specs]
-    class_names = _given_class_names(settings, specs, flag)
+    class_names = _given_class_names(settings, specs, flag) or _feature_class_names(parts, field, flag)
     limit = min(x for x in (limit, settings.max_examples, np.inf) if x > 0)
     options = LoaderOptions.from_config(config.data.loader)
     image = transforms.ImageOptions.from_config(config.data.image, config.model.image.image_size)
@@ -153,6 +154,16 @@ def _given_class_names(settings, specs: list[sources.SourceSpec], flag: str) -> 
             if path.is_file():
                 logging.info("%s: class names from %s", flag, path)
                 return _read_names(path, flag)
+    return None
+
+
+def _feature_class_names(parts: list, field: str, flag: str) -> tuple[str, ...] | None:
+    """The class names a source declares for `field` (a tfds ClassLabel feature); None when none does."""
+    for part in parts:
+        names = getattr(part, "class_names", lambda _: None)(field)
+        if names:
+            logging.info("%s: class names from the %r feature of %s", flag, field, part)
+            return _unique(names, f"{flag}: {part} {field!r}")
     return None
 
 
