@@ -143,13 +143,12 @@ def decode_rates(jpegs: list[bytes], options: transforms.ImageOptions, spec: Dat
     return _best_rates({PIL_FULL: pil_full_decode(jpegs), TURBO_FULL: turbo_full, TURBO_SCALED: turbo_scaled}, spec)
 
 
-def _pil_decode_rate_from(path: str, start_at: float, seconds: float, windows: int) -> float:
+def _pil_decode_rate_from(path: str, start_at: float, spec: DataBenchmark) -> float:
     """In a worker process: waits for the wall-clock `start_at`, then the best-window rate of full-size PIL
     decoding of the JPEGs stored in `path` (an .npz of uint8 buffers)."""
     with np.load(path) as stored:
         jpegs = [stored[name].tobytes() for name in sorted(stored.files)]
     time.sleep(max(0.0, start_at - time.time()))
-    spec = DataBenchmark(0, (0, 0), 0, (), 0, seconds, windows=windows)
     return _best_rates({PIL_FULL: pil_full_decode(jpegs)}, spec)[PIL_FULL]
 
 
@@ -162,8 +161,7 @@ def parallel_pil_rate(jpegs: list[bytes], processes: int, spec: DataBenchmark, s
     with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
         list(pool.map(time.sleep, [0.0] * processes))  # every worker started and imported before the clock runs
         start_at = time.time() + 1.0
-        rates = list(pool.map(_pil_decode_rate_from, [path] * processes, [start_at] * processes,
-                              [spec.seconds] * processes, [spec.windows] * processes))
+        rates = list(pool.map(_pil_decode_rate_from, [path] * processes, [start_at] * processes, [spec] * processes))
     return sum(rates) / processes
 
 

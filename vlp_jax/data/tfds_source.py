@@ -76,6 +76,8 @@ class TfdsSource:
             self.has_captions = False
             logging.warning("%s: tfds dataset %r has no feature %r (config.data.tfds.caption_key): its records "
                             "have no captions, usable for zero-shot tasks only", flag, name, self.keys.captions)
+        # Top-level features that are not labels: the image and the captions.
+        self._not_labels = {self.keys.image.split("/")[0], self.keys.captions.split("/")[0]}
         self._source = None  # opened lazily in each process
 
     def class_names(self, feature: str) -> tuple[str, ...] | None:
@@ -110,8 +112,8 @@ class TfdsSource:
             return Skipped("bad_utf8", where, record_id, f"a caption is not valid UTF-8: {error}")
         if not isinstance(image, bytes):
             return Skipped("bad_field", where, record_id, f"feature {self.keys.image!r} is not encoded image bytes")
-        skip = {self.keys.image.split("/")[0], self.keys.captions.split("/")[0]}
-        labels = {key: _scalar(value) for key, value in example.items() if key not in skip and np.ndim(value) == 0}
+        labels = {key: _scalar(value) for key, value in example.items()
+                  if key not in self._not_labels and np.ndim(value) == 0}
         return Located(ImageTextRecord(id=record_id, image=image, captions=captions, labels=labels or None), where)
 
     def __repr__(self) -> str:
