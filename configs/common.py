@@ -49,6 +49,19 @@ _EVAL = {
 }
 
 
+def default_evaluators() -> ml_collections.ConfigDict:
+    """The two-tower suite: retrieval during training and at the end; the rest at the end only."""
+    return ml_collections.ConfigDict(
+        dict(
+            retrieval=dict(type="retrieval", every=-1),
+            unimodal=dict(type="unimodal", every=0),
+            zeroshot=dict(type="zeroshot", every=0),
+            efficiency=dict(type="efficiency", every=0),
+            picture=dict(type="picture", every=0),
+        )
+    )
+
+
 def parse_variant(arg: str | None, extra: tuple[str, ...] = ()) -> str:
     """Returns the size named by `--config=file.py:<variant>`; no variant means `base`."""
     variant = arg or "base"
@@ -109,6 +122,7 @@ def base_config(size: str) -> ml_collections.ConfigDict:
             # Eval records whose labels[group_label] are equal show the same content (e.g. one emoji in several
             # art styles): retrieval counts any of them as a hit. Empty = every image is its own group.
             group_label="",
+            max_boxes=8,  # rows of the `boxes` feature (methods that declare it): object boxes per example
             tfds=sources.default_tfds_config(),
             # Sentencepiece model file; empty = train one on the training captions into the workdir.
             tokenizer=dict(path="", vocab_size=config.model.text.vocab_size, max_captions=1_000_000),
@@ -156,6 +170,12 @@ def base_config(size: str) -> ml_collections.ConfigDict:
             device_memory_bytes=0,
             # Steps with a non-finite loss/gradient are skipped; this many in a row stop the run.
             max_nonfinite_steps=10,
+            # Parameter groups by name, each dict(pattern=REGEX, frozen=False, lr_multiplier=1.0, weight_decay=-1.0):
+            # the first group (in order) whose pattern fullmatches a parameter's '/'-joined path
+            # ("towers/image_tower/encoder/block0/mlp/fc1/kernel") owns it; -1 = the global weight_decay; frozen
+            # parameters never change and hold no optimizer state. Empty = one group of defaults. E.g.
+            # --config.train.param_groups='{"image": {"pattern": "towers/image_tower/.*", "frozen": True}}'
+            param_groups={},
         )
     )
     config.eval = ml_collections.ConfigDict(
@@ -178,10 +198,21 @@ def base_config(size: str) -> ml_collections.ConfigDict:
             ),
             unimodal=dict(max_shift=0.0625),  # image→image: the world's other view moves by up to this × image side
             picture=dict(queries=4, top_k=5, image_px=96),  # retrieval picture: queries per direction, results, px
+            # Evaluators by name (vlp_jax/evaluate/run.py registry): type, `every` (steps between runs on the subset
+            # during training; -1 = eval.every, 0 = only the full evaluation at the end) and their options. A method
+            # adds its own (Method.evaluators); `--config.eval.evaluators.<name>.every=...` changes one.
+            evaluators=default_evaluators(),
         )
     )
     # Keep the last `keep` checkpoints plus every `keep_every`-th step (0 = none extra); saves are asynchronous.
     config.checkpoint = ml_collections.ConfigDict(dict(every=scale["ckpt"], keep=3, keep_every=0, use_async=True))
+    # Runs this one needs first, by name (vlp_jax/stages.py): dict(config="module:function", output="config.key",
+    # description=...). Method configs declare them (COTS: its visual tokenizer).
+    config.stages = ml_collections.ConfigDict()
     # Workdir of another run to warm-start parameters from (its latest checkpoint); empty = from scratch.
     config.init_from = ""
+    # What init_from loads (checkpoint.load_params): `include`/`exclude` regexes fullmatch '/'-joined parameter
+    # paths (no include = all); `rename` rules "pattern=replacement" (re.sub, in order) map saved paths to this
+    # run's, e.g. --config.init.include='("towers/image_tower/.*",)' --config.init.rename='("^image=vision",)'.
+    config.init = ml_collections.ConfigDict(dict(include=(), exclude=(), rename=()))
     return config

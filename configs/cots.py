@@ -2,7 +2,8 @@
 adaptive momentum filter.
 
 Usage: python -m vlp_jax.main --config=configs/cots.py:tiny --workdir=DIR
-Without `method.mvm.tokenizer`, the run first trains a visual tokenizer (configs/vq.py) into DIR/tokenizer.
+Without `method.mvm.tokenizer`, the run first trains a visual tokenizer (configs/vq.py) into DIR/tokenizer: the
+`tokenizer` stage declared here (vlp_jax/stages.py).
 Variants: tiny | small | base (default; ViT-B/16, the paper scale) | large.
 """
 
@@ -38,8 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             attempts=20,  # blocks drawn per image; those that would exceed `ratio` are rejected
             fusion="add",
             codebook_size=_CODEBOOK[size],
-            # A configs/vq.py run directory; "" = train one first into <workdir>/tokenizer; "random" = untrained
-            # (benchmarks only).
+            # A configs/vq.py run directory; "" = the tokenizer stage trains one first into <workdir>/tokenizer;
+            # "random" = untrained (benchmarks and tests only).
             tokenizer="",
             tokenizer_steps=-1,  # -1: ceil(tokenizer_fraction × train.steps)
             tokenizer_fraction=0.5,
@@ -47,4 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     )
     config.method = method
+    config.stages.tokenizer = ml_collections.ConfigDict(
+        dict(config="configs.vq:for_cots", output="method.mvm.tokenizer", description="visual tokenizer")
+    )
     return config

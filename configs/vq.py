@@ -4,8 +4,10 @@
 of `config.model.image` (tiny: 32px / patch 8 = 16 codes; base: 224px / patch 16 = 196 codes).
 
 Usage: python -m vlp_jax.main --config=configs/vq.py:tiny --workdir=workdir/vq-tiny
-A COTS run derives its tokenizer run with `matching(cots_config)`.
+A COTS run declares its tokenizer as a stage (configs/cots.py) whose config is `for_cots(cots_config)`.
 """
+
+import math
 
 import ml_collections
 
@@ -58,6 +60,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.eval.update(dict(every=scale["eval"], batch_size=min(scale["batch"], config.eval.batch_size)))
     config.checkpoint.every = scale["ckpt"]
+    # Image-text retrieval does not apply to an image-only model; the method adds its reconstruction evaluator.
+    config.eval.evaluators = ml_collections.ConfigDict()
     return config
 
 
@@ -81,3 +85,18 @@ def matching(run_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     config.train.batch_size = mvm.get("tokenizer_batch_size", config.train.batch_size)
     config.eval.batch_size = min(config.eval.batch_size, config.train.batch_size)
     return config
+
+
+def for_cots(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The tokenizer stage of a COTS run: `matching` with `tokenizer_steps` / `_batch_size` resolved. -1 steps:
+    this size's default, at most `tokenizer_fraction` of the COTS steps (at least 1); -1 batch: the VQ default,
+    at most the COTS batch size."""
+    mvm = config.method.mvm
+    defaults = get_config(config.size).train
+    resolved = config.copy_and_resolve_references()
+    if mvm.tokenizer_steps < 0:
+        cap = max(1, math.ceil(mvm.tokenizer_fraction * config.train.steps))
+        resolved.method.mvm.tokenizer_steps = min(defaults.steps, cap)
+    if mvm.tokenizer_batch_size < 0:
+        resolved.method.mvm.tokenizer_batch_size = min(defaults.batch_size, config.train.batch_size)
+    return matching(resolved)

@@ -17,9 +17,10 @@ import pytest
 
 from configs import clip
 from tests.helpers import read_metrics, tiny_config
-from vlp_jax import methods, parallel, train
+from vlp_jax import methods, parallel, preemption, step, train
 from vlp_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
 from vlp_jax.data import pipeline, records, synthetic
+from vlp_jax.evaluate import run as eval_run
 from vlp_jax.optimizer import make_optimizer
 from vlp_jax.state import create_train_state
 
@@ -29,9 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def final_state(workdir, config=None):
     """The latest checkpoint of a run, restored onto the default mesh."""
     config = config or tiny_config()
-    image_size, max_len = config.model.image.image_size, config.model.text.max_len
-    run = train.setup(config, {"image": np.zeros((1, image_size, image_size, 3), np.uint8),
-                               "text": np.zeros((1, max_len), np.int32)})
+    run = step.setup(config)
     checkpointer = Checkpointer(workdir, config.checkpoint)
     state, data = checkpointer.restore(checkpointer.latest_step(), abstract_like(run.state, run.shardings))
     checkpointer.close()
@@ -108,7 +107,7 @@ def test_changed_shapes_are_refused_and_harmless_changes_allowed(tiny_run):
     harmless = tiny_config()
     harmless.eval.every = 7
     harmless.train.log_every = 3
-    assert train.evaluate_checkpoint(harmless, str(workdir)) == final  # --mode=eval on the saved run
+    assert eval_run.evaluate_checkpoint(harmless, str(workdir)) == final  # --mode=eval on the saved run
 
 
 def test_init_from_a_directory_that_is_not_a_run_is_refused(tmp_path):
@@ -161,7 +160,7 @@ def test_a_skipped_step_leaves_the_state_unchanged_but_counts(tmp_path, monkeypa
     config = tiny_config()
     dataset = pipeline.PairDataset(np.zeros((64, 32, 32, 3), np.uint8), np.ones((64, 28), np.int32), np.arange(64))
     batch = next(pipeline.TrainIterator(dataset, 64, seed=0))
-    run = train.setup(config, {k: v[:1] for k, v in batch.items()})
+    run = step.setup(config)
     before = jax.device_get(run.state)
     with parallel.mesh_context(run.mesh):
         after, metrics = run.train_step(run.state, parallel.global_batch_from_local(batch, run.mesh))
@@ -171,15 +170,15 @@ def test_a_skipped_step_leaves_the_state_unchanged_but_counts(tmp_path, monkeypa
 
 
 def test_a_signal_during_compilation_saves_after_the_first_step(tmp_path, monkeypatch):
-    compile_step = train.compile_step
+    compile_step = step.compile_step
 
     def signalled_compile(*args, **kwargs):  # SIGTERM arrives while the step compiles, before any step ran
         os.kill(os.getpid(), signal.SIGTERM)
         return compile_step(*args, **kwargs)
 
-    monkeypatch.setattr(train, "compile_step", signalled_compile)
+    monkeypatch.setattr(step, "compile_step", signalled_compile)
     previous = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(train.Preempted, match="received SIGTERM: saved step 1; rerun"):
+    with pytest.raises(preemption.Preempted, match="received SIGTERM: saved step 1; rerun"):
         train.train_and_evaluate(tiny_config(), str(tmp_path))
     assert Checkpointer(tmp_path, tiny_config().checkpoint).latest_step() == 1
     assert signal.getsignal(signal.SIGTERM) is previous  # the handler is the caller's again
@@ -217,7 +216,7 @@ def test_kill_9_and_sigterm_at_random_moments_then_restart_finishes_identically(
     process.send_signal(signal.SIGTERM)
     sent = time.monotonic()
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == train.PREEMPTED_EXIT_CODE, stderr[-2000:]
+    assert process.returncode == preemption.PREEMPTED_EXIT_CODE, stderr[-2000:]
     assert time.monotonic() - sent < 60
     saved_step = Checkpointer(tmp_path, tiny_config().checkpoint).latest_step()
     assert f"received SIGTERM: saved step {saved_step};" in stderr and saved_step >= 22
@@ -318,7 +317,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exac
     wait_for_line(logs / "process0.log", f"step 2/{steps} ", processes)  # training is under way
     processes[1].send_signal(signal.SIGTERM)  # process 1 only
     results = finish(processes, logs)
-    assert [code for code, _ in results] == [train.PREEMPTED_EXIT_CODE] * 2, [out[-3000:] for _, out in results]
+    assert [code for code, _ in results] == [preemption.PREEMPTED_EXIT_CODE] * 2, [out[-3000:] for _, out in results]
     saved = {int(m) for _, out in results for m in re.findall(r"received SIGTERM: saved step (\d+)", out)}
     assert len(saved) == 1, saved  # both processes stopped after the same step
     (stopped,) = saved

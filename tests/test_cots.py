@@ -11,8 +11,8 @@ import pytest
 
 from configs import brivl, cots
 from tests.helpers import tiny_config
-from vlp_jax import methods, parallel, train
-from vlp_jax.methods.cots import CotsMethod, load_or_make_tokenizer
+from vlp_jax import methods, parallel, stages, step, train
+from vlp_jax.methods.cots import CotsMethod
 
 
 def small(config: ml_collections.ConfigDict, queue_size: int = 0) -> ml_collections.ConfigDict:
@@ -35,9 +35,9 @@ def batch_of(config, seed=0):
     return {"image": rng.integers(0, 256, (16, size, size, 3), dtype=np.uint8), "text": text}
 
 
-def run_steps(config, mesh, params, extra, steps, tokenizer=None):
+def run_steps(config, mesh, params, extra, steps, pretrained=None):
     """`steps` loss evaluations threading `extra` (params fixed); returns the per-step (loss, grads) and extra."""
-    method = methods.build(config, mesh) if tokenizer is None else CotsMethod(config, mesh, tokenizer)
+    method = methods.build(config, mesh, pretrained)
     fn = jax.jit(jax.value_and_grad(method.loss, has_aux=True))
     outputs = []
     with parallel.mesh_context(mesh):
@@ -48,8 +48,8 @@ def run_steps(config, mesh, params, extra, steps, tokenizer=None):
     return outputs, extra
 
 
-def init(config, mesh, tokenizer=None):
-    method = methods.build(config, mesh) if tokenizer is None else CotsMethod(config, mesh, tokenizer)
+def init(config, mesh, pretrained=None):
+    method = methods.build(config, mesh, pretrained)
     params, extra = nn.meta.unbox(method.init(jax.random.PRNGKey(0), batch_of(config)))
     # Pretend the AMF has seen a few batches so its filter is active from the first step.
     extra["filter"] = {"mean": jnp.float32(0.05), "std": jnp.float32(0.05), "count": jnp.int32(5)}
@@ -83,7 +83,7 @@ def test_cots_loss_grads_and_queue_equal_across_meshes():
     config = small(cots.get_config("tiny"), queue_size=32)
     config.method.mvm.tokenizer = "random"
     config.method.amf.warmup_steps = 0
-    tokenizer = load_or_make_tokenizer(config, mesh_of((1, 1, 1)))
+    tokenizer = step.load_pretrained(config, mesh_of((1, 1, 1)))  # {"tokenizer": an untrained VQ run}
     params, extra = init(config, mesh_of((1, 1, 1)), tokenizer)
     single, single_extra = run_steps(config, mesh_of((1, 1, 1)), params, extra, 3, tokenizer)
     sharded, sharded_extra = run_steps(config, mesh_of((2, 2, 2)), params, extra, 3, tokenizer)
@@ -119,19 +119,19 @@ def test_cots_trains_its_tokenizer_stage_first_then_logs_every_term(tmp_path):
     for term in ("instance_loss", "kl_loss", "mlm_loss", "mvm_loss", "amf/filtered_fraction", "loss"):
         assert np.isfinite(logged[f"train/{term}"]), term
     # A finished stage is reused, and the config then names it.
-    again = methods.prepare(config, tmp_path, train_fn=None)
+    again = stages.prepare(config, tmp_path, train_fn=None)
     assert again.method.mvm.tokenizer == str(tmp_path / "tokenizer")
 
 
 def test_cots_refuses_a_tokenizer_with_another_patch_grid(tmp_path):
     config = small(cots.get_config("tiny"))
     config.method.mvm.tokenizer = "random"
-    vq_config, tokenizer = load_or_make_tokenizer(config, mesh_of((1, 1, 1)))
-    vq_config.model.image.patch_size = 4
+    pretrained = step.load_pretrained(config, mesh_of((1, 1, 1)))
+    pretrained["tokenizer"].config.model.image.patch_size = 4
     with pytest.raises(ValueError, match="8px patches but this model uses 32px / 8px|4px patches"):
-        CotsMethod(config, mesh_of((1, 1, 1)), (vq_config, tokenizer))
+        CotsMethod(config, mesh_of((1, 1, 1)), pretrained)
     with pytest.raises(FileNotFoundError, match="no finished visual tokenizer"):
-        methods.prepare(cots.get_config("tiny"), tmp_path, train_fn=None)
+        stages.prepare(cots.get_config("tiny"), tmp_path, train_fn=None)
 
 
 def test_paper_variant_queue_holds_whole_batches():

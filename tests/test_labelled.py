@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 
 from tests.helpers import read_metrics, tiny_config
-from vlp_jax import parallel, train
+from vlp_jax import parallel, step, train
 from vlp_jax.checkpoint import Checkpointer, abstract_like
 from vlp_jax.data import records, synthetic
 from vlp_jax.data.tokenizer import Tokenizer
-from vlp_jax.evaluate import labelled, picture, scope, zeroshot
+from vlp_jax.evaluate import labelled, picture, scope
+from vlp_jax.evaluate import run as eval_run
+from vlp_jax.evaluate import world as world_eval
 
 NUM_RECORDS, CAP = 72, 40
 
@@ -24,7 +26,7 @@ def colour_records(config) -> tuple[list[records.ImageTextRecord], np.ndarray, t
     """One-object scenes of the world with their object's colour in labels["colour"], as a name or an index; every
     9th record has no colour (labels["shape"] only), every 9th from the 8th a colour that is no class. Returns the
     records, their rendered images and the class names."""
-    single = zeroshot.single_object_world(config.data.world)
+    single = world_eval.single_object_world(config.data.world)
     colours = tuple(sorted(single.colours.keys()))
     scenes = synthetic.generate_scenes(single, "eval", NUM_RECORDS)
     written = []
@@ -56,7 +58,7 @@ def reference_accuracy(image_emb, prompt_emb, labels, num_classes, num_prompts) 
 
 def model_embeddings(config, workdir, images, tokens):
     """The trained model's image and text embeddings, straight from method.encode on the restored parameters."""
-    run = train.setup(config, {"image": images[:1], "text": tokens[:1]})
+    run = step.setup(config)
     checkpointer = Checkpointer(workdir, config.checkpoint)
     state, _ = checkpointer.restore(30, abstract_like(run.state, run.shardings), config)
     checkpointer.close()
@@ -87,7 +89,7 @@ def labelled_eval(tiny_run, tmp_path_factory):
     handler = _Collect()
     logging.getLogger().addHandler(handler)
     try:
-        final = train.evaluate_checkpoint(config, str(root / "out"), str(workdir / "checkpoints" / "30"))
+        final = eval_run.evaluate_checkpoint(config, str(root / "out"), str(workdir / "checkpoints" / "30"))
     finally:
         logging.getLogger().removeHandler(handler)
     report = json.loads((root / "out" / train.EVAL_DIR / "step_30.json").read_text())

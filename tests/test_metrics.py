@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from vlp_jax import metrics
+from vlp_jax import flops, metrics
 
 
 def tiny_model_config():
@@ -28,19 +28,19 @@ def test_tiny_config_flops_match_hand_count():
     # Image: 4 patches + CLS = 5 tokens, d=4, m=8, one layer:
     # qkv 2·5·4·12=480, scores 2·25·4=200, values 200, out 2·5·4·4=160, mlp 2·5·4·8·2=640 → 1680;
     # patch embedding 2·4·48·4=1536; projection 2·4·2=16.
-    assert metrics.image_tower_flops(config.image, config.embed_dim) == 1680 + 1536 + 16
+    assert flops.image_tower_flops(config.image, config.embed_dim) == 1680 + 1536 + 16
     # Text: 3 tokens, d=2, m=4, two layers of 72 + 36 + 36 + 24 + 96 = 264; projection 2·2·2=8.
-    assert metrics.text_tower_flops(config.text, config.embed_dim) == 2 * 264 + 8
-    assert metrics.clip_forward_flops_per_pair(config) == 3232 + 536
+    assert flops.text_tower_flops(config.text, config.embed_dim) == 2 * 264 + 8
+    assert flops.clip_forward_flops_per_pair(config) == 3232 + 536
     # Batch 4: towers 4·3768=15072, logits 2·(4·4)·2 per direction × 2 directions = 128, then ×3 for training.
-    assert metrics.train_flops_per_step(config, global_batch=4) == 3 * (15072 + 128)
+    assert flops.train_flops_per_step(config, global_batch=4) == 3 * (15072 + 128)
 
 
 def test_no_cls_token_without_cls_pooling():
     config = tiny_model_config()
     config.image.pool = "gap"
     # 4 tokens instead of 5: qkv 384, scores 128, values 128, out 128, mlp 512 → 1280.
-    assert metrics.image_tower_flops(config.image, config.embed_dim) == 1280 + 1536 + 16
+    assert flops.image_tower_flops(config.image, config.embed_dim) == 1280 + 1536 + 16
 
 
 def test_vit_b16_matches_published_figure():
@@ -49,7 +49,7 @@ def test_vit_b16_matches_published_figure():
     )
     # ViT-B/16 at 224px is quoted as 17.5 "GFLOPs" (DeiT, timm), which are multiply-accumulates: 2 FLOPs each.
     published_flops = 2 * 17.5e9
-    assert metrics.image_tower_flops(image, embed_dim=512) == pytest.approx(published_flops, rel=0.1)
+    assert flops.image_tower_flops(image, embed_dim=512) == pytest.approx(published_flops, rel=0.1)
 
 
 @pytest.mark.parametrize(
@@ -76,15 +76,15 @@ def test_vit_b16_matches_published_figure():
     ],
 )
 def test_peak_flops_lookup(device_kind, dtype, expected):
-    assert metrics.peak_flops_per_device(device_kind, dtype) == expected
+    assert flops.peak_flops_per_device(device_kind, dtype) == expected
 
 
 def test_mfu_arithmetic():
     # 1 PFLOP per step in 0.5 s on 4 H100s in bfloat16: 2e15 FLOP/s of 4·989e12 available.
-    got = metrics.mfu(1e15, 0.5, "NVIDIA H100 80GB HBM3", "bfloat16", num_devices=4)
+    got = flops.mfu(1e15, 0.5, "NVIDIA H100 80GB HBM3", "bfloat16", num_devices=4)
     assert got == pytest.approx(2e15 / (4 * 989e12))
-    assert metrics.mfu(1e15, 0.5, "cpu", "float32", num_devices=1) is None
-    assert metrics.mfu(1e15, None, "TPU v4", "bfloat16", num_devices=1) is None
+    assert flops.mfu(1e15, 0.5, "cpu", "float32", num_devices=1) is None
+    assert flops.mfu(1e15, None, "TPU v4", "bfloat16", num_devices=1) is None
 
 
 def read_scalar_events(directory):
@@ -180,7 +180,7 @@ def lowered_tiny_step(name: str):
     """The tiny config of a method and its train step lowered (not compiled) for a random global batch."""
     import importlib
 
-    from vlp_jax import parallel, train  # not vlp_jax.bench: its flags clash with vlp_jax.main's in one process
+    from vlp_jax import parallel, step  # not vlp_jax.bench: its flags clash with vlp_jax.main's in one process
 
     config = importlib.import_module(f"configs.{name}").get_config("tiny")
     batch, size = config.train.batch_size, config.model.image.image_size
@@ -188,19 +188,19 @@ def lowered_tiny_step(name: str):
         "image": np.zeros((batch, size, size, 3), np.uint8),
         "text": np.full((batch, config.model.text.max_len), 3, np.int32),
     }
-    run = train.setup(config, {key: value[:1] for key, value in host_batch.items()})
+    run = step.setup(config)
     with parallel.mesh_context(run.mesh):
         return config, run.train_step.lower(run.state, parallel.global_batch_from_local(host_batch, run.mesh))
 
 
 def test_step_flops_counts_each_methods_own_program():
     clip_config, clip_step = lowered_tiny_step("clip")
-    formula = metrics.train_flops_per_step(clip_config.model, clip_config.train.batch_size)
+    formula = flops.train_flops_per_step(clip_config.model, clip_config.train.batch_size)
     # XLA's count of CLIP's step agrees with the closed-form matmul count (it adds norms, softmax, the optimizer).
-    assert metrics.step_flops(clip_step, clip_config) == pytest.approx(formula, rel=0.03)
+    assert flops.step_flops(clip_step, clip_config) == pytest.approx(formula, rel=0.03)
     # BriVL adds a momentum forward pass of both towers and its pooling heads: more than 4/3 of CLIP's count.
     brivl_config, brivl_step = lowered_tiny_step("brivl")
-    assert metrics.step_flops(brivl_step, brivl_config) > 4 / 3 * formula
+    assert flops.step_flops(brivl_step, brivl_config) > 4 / 3 * formula
 
 
 def test_step_flops_of_a_backend_without_lowered_analysis_come_from_the_cpu_backend():
@@ -213,7 +213,7 @@ def test_step_flops_of_a_backend_without_lowered_analysis_come_from_the_cpu_back
         def compiler_ir(self, dialect):
             return step.compiler_ir(dialect)
 
-    assert metrics.step_flops(GpuLike(), config) == metrics.step_flops(step, config)
+    assert flops.step_flops(GpuLike(), config) == flops.step_flops(step, config)
 
 
 def test_step_flops_falls_back_to_the_formula():
@@ -225,4 +225,4 @@ def test_step_flops_falls_back_to_the_formula():
             raise NotImplementedError
 
     config = ml_collections.ConfigDict(dict(model=tiny_model_config(), train=dict(batch_size=4)))
-    assert metrics.step_flops(NoAnalysis(), config) == metrics.train_flops_per_step(config.model, 4)
+    assert flops.step_flops(NoAnalysis(), config) == flops.train_flops_per_step(config.model, 4)

@@ -46,7 +46,7 @@ def test_momentum_loss_with_queue_weights_and_kl_equals_single_device(shape):
     mesh = mesh_of(shape)
 
     def sharded(i, t):
-        out = contrastive_loss(i, t, scale, mesh, image_keys=image_k, text_keys=text_k, queue=queue,
+        out = contrastive_loss(i, t, scale, mesh, keys_a=image_k, keys_b=text_k, queue=momentum.as_pairs(queue),
                                weights=weights, with_kl=True)
         return out["loss"] + out["kl"], out
 
@@ -67,8 +67,8 @@ def test_moco_form_uses_only_the_positive_from_the_batch():
     image, text, image_k, text_k = (unit_rows(rng, (16, 8)) for _ in range(4))
     queue = {"image": unit_rows(rng, (16, 8)), "text": unit_rows(rng, (16, 8)), "valid": np.ones(16, bool)}
     ones = np.ones(16, np.float32)
-    out = jax.jit(lambda: contrastive_loss(image, text, 10.0, mesh_of((8, 1, 1)), image_keys=image_k,
-                                           text_keys=text_k, queue=queue, weights=ones,
+    out = jax.jit(lambda: contrastive_loss(image, text, 10.0, mesh_of((8, 1, 1)), keys_a=image_k,
+                                           keys_b=text_k, queue=momentum.as_pairs(queue), weights=ones,
                                            in_batch_negatives=False))()
     want, _ = reference(image, text, image_k, text_k, queue, ones, 10.0, in_batch=False)
     np.testing.assert_allclose(out["loss"], want, rtol=1e-5)
@@ -86,8 +86,8 @@ def test_kl_is_zero_when_the_distributions_coincide_and_the_supports_are_aligned
     view = {k: queue[k] for k in ("image", "text", "valid")}
 
     def kl(q):
-        return float(jax.jit(lambda: contrastive_loss(embeddings, embeddings, 10.0, mesh, image_keys=keys,
-                                                      text_keys=keys, queue=q, with_kl=True))()["kl"])
+        return float(jax.jit(lambda: contrastive_loss(embeddings, embeddings, 10.0, mesh, keys_a=keys,
+                                                      keys_b=keys, queue=momentum.as_pairs(q), with_kl=True))()["kl"])
 
     assert kl(view) == pytest.approx(0.0, abs=1e-6)
     misaligned = {**view, "text": jnp.roll(view["text"], 1, axis=0)}  # slot k of text no longer pair k

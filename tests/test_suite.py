@@ -1,18 +1,21 @@
 """The evaluation suite in a run: the trained tiny model's report (zero-shot, unimodal, efficiency, picture), the
-subset scored during training, --mode=eval on a checkpoint directory, and a method's own evaluator."""
+subset scored during training, --mode=eval on a checkpoint directory, evaluators compiling once."""
 
 import json
-import types
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 from tests.helpers import read_metrics, tiny_config
-from vlp_jax import metrics, parallel, train
+from vlp_jax import checkpoint, parallel, train
 from vlp_jax.data.pipeline import PairDataset
-from vlp_jax.evaluate import scope, suite
+from vlp_jax.evaluate import run as eval_run
+from vlp_jax.evaluate import scope
+from vlp_jax.evaluate.context import EvalContext, EvalPass
+from vlp_jax.evaluate.evaluators import RetrievalEvaluator
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,7 @@ def test_report_holds_retrieval_efficiency_and_the_picture(tiny_run, report):
     config = tiny_config()
     side = config.eval.picture.image_px
     assert picture.ndim == 3 and picture.shape[0] > 2 * config.eval.picture.queries * side
-    green, red = np.array(suite.picture.HIT), np.array(suite.picture.MISS)
+    green, red = np.array(picture.HIT), np.array(picture.MISS)
     assert (picture == green).all(-1).any() and (picture == red).all(-1).any()  # hits and misses are marked
     last = records[-1]  # every figure is a scalar too
     assert last["eval/zeroshot/single_object_colour/top1"] == report["zeroshot"]["single_object_colour"]["top1"]
@@ -74,7 +77,7 @@ def test_report_holds_retrieval_efficiency_and_the_picture(tiny_run, report):
 
 def test_eval_mode_on_a_checkpoint_directory_writes_its_report_elsewhere(tiny_run, tmp_path):
     workdir, final, _ = tiny_run
-    results = train.evaluate_checkpoint(tiny_config(), str(tmp_path), str(workdir / "checkpoints" / "30"))
+    results = eval_run.evaluate_checkpoint(tiny_config(), str(tmp_path), str(workdir / "checkpoints" / "30"))
     assert results == final
     written = json.loads((tmp_path / train.EVAL_DIR / "step_30.json").read_text())
     assert written["checkpoint"] == str(workdir / "checkpoints" / "30")
@@ -94,44 +97,10 @@ def test_training_scores_the_subset_every_n_steps_and_everything_at_the_end(tiny
 def test_eval_mode_names_the_flag_when_the_path_is_no_run(tmp_path, name):
     (tmp_path / "file").write_text("not a run")
     with pytest.raises(FileNotFoundError, match=r"--checkpoint=.* is neither a run directory .* nor one of its"):
-        train.find_checkpoint(str(tmp_path / name), "--checkpoint")
+        checkpoint.find_checkpoint(str(tmp_path / name), "--checkpoint")
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"--workdir=.*empty holds no complete checkpoint"):
-        train.find_checkpoint(str(tmp_path / "empty"), "--workdir")
-
-
-def test_a_methods_own_evaluator_replaces_the_suite_and_still_gets_a_report(tmp_path):
-    """The VQ tokenizer's path: make_evaluator on the method; the suite's extras do not apply."""
-    seen = {}
-
-    class OwnEvaluation:
-        def make_evaluator(self, param_shardings, mesh, batch_size):
-            seen["batch_size"] = batch_size
-            return lambda params, extra, dataset: {"mse": float(params + extra + len(dataset))}
-
-    config = tiny_config()
-    evaluator = train.make_evaluator(OwnEvaluation(), None, None, config, tokenizer=None)
-    state = types.SimpleNamespace(params=1.0, extra=2.0)
-    writer = metrics.MetricWriter(tmp_path, use_tensorboard=False)
-    own_scope = scope.EvalScope("my_set", limit=0)
-    results = train.evaluate_fully(evaluator, state, _Sized(np.zeros((4, 2, 2, 3))), writer, 7, tmp_path, "ckpt/7",
-                                   own_scope)
-    writer.close()
-    assert seen["batch_size"] == config.eval.batch_size and results == {"mse": 7.0}
-    written = json.loads((tmp_path / train.EVAL_DIR / "step_7.json").read_text())
-    assert written == {"step": 7, "checkpoint": "ckpt/7", "eval_set": {"name": "my_set", "images": 4, "available": 4},
-                       "sets": {"my_set": {"mse": 7.0}}}
-    assert read_metrics(tmp_path)[-1] == {"step": 7, "eval/my_set/mse": 7.0}
-
-
-class _Sized:
-    """The least an eval set must offer a method's evaluator here: images and a length."""
-
-    def __init__(self, images):
-        self.images = images
-
-    def __len__(self):
-        return len(self.images)
+        checkpoint.find_checkpoint(str(tmp_path / "empty"), "--workdir")
 
 
 class PixelMethod:
@@ -158,10 +127,14 @@ def test_evaluations_compile_once_whatever_the_set_size():
         captions=rng.integers(4, 50, (120, 8), dtype=np.int32),
         caption_image=np.arange(120) % 40,
     )
-    evaluator = train.make_evaluator(PixelMethod(), {}, mesh, config, tokenizer=None)
+    context = EvalContext(PixelMethod(), {}, mesh, config, None, scope.eval_scope(config))
+    retrieval = RetrievalEvaluator(context, "retrieval", ml_collections.ConfigDict(dict(every=-1)))
+
+    def evaluator(params, extra, data):
+        return retrieval(EvalPass(context, params, extra, data, "set", final=False)).report["sets"]["set"]["retrieval"]
 
     def compiled():  # jit caches: the encoders' own, and the tile's (shared by every Scorer, hence a difference)
-        return evaluator.encoders.compiled_versions(), evaluator.scorer._rank_tile._cache_size()
+        return context.encoders.compiled_versions(), context.scorer._rank_tile._cache_size()
 
     subset = evaluator({}, None, dataset.first_images(16))  # as during training
     after_subset = compiled()

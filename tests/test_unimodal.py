@@ -9,6 +9,7 @@ import pytest
 from tests.helpers import normalised, reference_ranks, tiny_config
 from vlp_jax.data import synthetic
 from vlp_jax.evaluate import retrieval, unimodal
+from vlp_jax.evaluate import world as world_eval
 
 OBJECT_LEVEL = 128  # every world colour has a channel above this; the noisy background never reaches it
 MAX_SHIFT = tiny_config().eval.unimodal.max_shift
@@ -71,14 +72,14 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="one other view per query image"):
         unimodal.cross_view_recall(np.eye(3), np.eye(4)[:, :3])
     with pytest.raises(ValueError, match="view >= 1"):
-        unimodal.world_image_views(synthetic.default_config(), 2, MAX_SHIFT, view=0)
+        world_eval.world_image_views(synthetic.default_config(), 2, MAX_SHIFT, view=0)
 
 
 def test_world_views_move_each_whole_scene_and_redraw_the_noise():
     world = synthetic.default_config()
     max_pixels = round(MAX_SHIFT * world.image_size)
     originals = synthetic.make_split(world, "eval", 30).images
-    views = unimodal.world_image_views(world, 30, MAX_SHIFT)
+    views = world_eval.world_image_views(world, 30, MAX_SHIFT)
     assert views.shape == originals.shape and views.dtype == np.uint8
     shifts = []
     for original, view in zip(originals, views, strict=True):
@@ -105,7 +106,7 @@ def test_shifted_scene_keeps_every_box_inside_and_the_left_to_right_order():
     rng = np.random.default_rng(0)
     shifts = set()
     for scene in synthetic.generate_scenes(world, "eval", 50):
-        moved = unimodal.shifted_scene(scene, world.image_size, max_pixels=world.image_size, rng=rng)
+        moved = world_eval.shifted_scene(scene, world.image_size, max_pixels=world.image_size, rng=rng)
         offsets = {
             (x0 - a0, y0 - b0, x1 - a1, y1 - b1)
             for (a0, b0, a1, b1), (x0, y0, x1, y1) in zip(

@@ -12,10 +12,11 @@ import pytest
 
 from configs import clip
 from configs import vq as vq_configs
-from vlp_jax import parallel, train
+from vlp_jax import parallel, step, train
 from vlp_jax.checkpoint import Checkpointer, CheckpointError, config_as_json
 from vlp_jax.data import synthetic
 from vlp_jax.methods import vq as vq_method
+from vlp_jax.methods.cots import CotsMethod
 from vlp_jax.models import vq
 
 # The short training run below must beat these bars on its 128 held-out scenes; measured, it reaches a
@@ -36,7 +37,7 @@ def random_images(count: int, size: int, seed: int = 0) -> np.ndarray:
 
 def init_method(config, mesh=None):
     mesh = mesh or parallel.make_mesh(config.mesh)
-    method = vq_method.VQMethod(config, mesh)
+    method = vq_method.VQMethod(config, mesh, {})
     size = config.model.image.image_size
     variables = method.init(jax.random.PRNGKey(0), {"image": np.zeros((1, size, size, 3), np.uint8)})
     return method, *jax.device_get(nn.meta.unbox(variables))  # host arrays: usable on any mesh
@@ -103,7 +104,7 @@ def test_straight_through_gradient_reaches_the_encoder(tokenizer):
 
     # With β = 0 only the reconstruction (through the quantiser) trains the encoder: its gradient is non-zero.
     _, params, extra = tokenizer
-    method = vq_method.VQMethod(small_config(commitment_weight=0.0), None)
+    method = vq_method.VQMethod(small_config(commitment_weight=0.0), None, {})
     batch = {"image": random_images(8, 32)}
     step = jax.jit(jax.grad(method.loss, has_aux=True))
     _, (_, extra) = step(params, extra, batch, jax.random.PRNGKey(0), 0)  # a data-seeded codebook
@@ -154,9 +155,9 @@ def test_bad_configs_and_images_are_clear_errors(tokenizer):
     config = small_config()
     config.model.image.patch_size = 5
     with pytest.raises(ValueError, match=r"image_size=32 is not divisible by patch_size=5"):
-        vq_method.VQMethod(config, None)
+        vq_method.VQMethod(config, None, {})
     with pytest.raises(ValueError, match=r"dead_code_threshold=0.0 must be positive"):
-        vq_method.VQMethod(small_config(dead_code_threshold=0), None)
+        vq_method.VQMethod(small_config(dead_code_threshold=0), None, {})
     _, params, extra = tokenizer
     with pytest.raises(ValueError, match=r"expects \[b, 32, 32, 3\]"):
         vq_method.image_codes(small_config(), {"params": params, "codebook": extra}, random_images(1, 16))
@@ -175,6 +176,13 @@ def test_matching_derives_the_tokenizer_run_of_a_cots_config():
     assert config.data == run.data
     defaults = vq_configs.matching(clip.get_config("tiny"))  # no mvm block: the VQ defaults
     assert defaults.train.steps == vq_configs.get_config("tiny").train.steps
+
+
+def load_tokenizer(path: str):
+    """(vq_config, tokenizer pytree) of a VQ run, read as a COTS run reads its tokenizer."""
+    spec = CotsMethod.pretrained(None)["tokenizer"]
+    run = step.load_run(path, spec)
+    return run.config, {"params": run.trees["params"], "codebook": run.trees["extra"]}
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +205,7 @@ def test_short_run_beats_the_mean_image_and_uses_the_codebook(trained):
 
 def test_load_tokenizer_round_trip(trained):
     config, workdir, final = trained
-    vq_config, tokenizer = vq_method.load_tokenizer(str(workdir))
+    vq_config, tokenizer = load_tokenizer(str(workdir))
     assert config_as_json(vq_config) == config_as_json(config)
     assert isinstance(tokenizer["codebook"]["embed_sum"], np.ndarray)
     # The restored tokenizer reproduces the run's final evaluation on the same held-out scenes.
@@ -205,18 +213,18 @@ def test_load_tokenizer_round_trip(trained):
     codes = np.asarray(jax.jit(lambda x: vq_method.image_codes(vq_config, tokenizer, x))(images))
     assert codes.shape == (len(images), 16)
     assert np.unique(codes).size / config.method.codebook_size == pytest.approx(final["codebook_usage"])
-    method = vq_method.VQMethod(vq_config, None)
+    method = vq_method.VQMethod(vq_config, None, {})
     errors, _ = jax.jit(method.reconstruct)(tokenizer["params"], tokenizer["codebook"], images)
     assert float(errors.mean()) == pytest.approx(final["reconstruction_mse"], rel=1e-4)
 
 
 def test_load_tokenizer_refuses_other_directories(tmp_path):
-    with pytest.raises(CheckpointError, match=rf"tokenizer {re.escape(str(tmp_path))}/empty: .* does not exist"):
-        vq_method.load_tokenizer(str(tmp_path / "empty"))
+    with pytest.raises(CheckpointError, match=rf"tokenizer={re.escape(str(tmp_path))}/empty: .* does not exist"):
+        load_tokenizer(str(tmp_path / "empty"))
     other = clip.get_config("tiny")
     checkpointer = Checkpointer(tmp_path / "clip", other.checkpoint)
     checkpointer.save(1, {"params": {"w": np.zeros(2, np.float32)}}, {"epoch": 0}, other)
     checkpointer.wait()
     checkpointer.close()
-    with pytest.raises(CheckpointError, match=r"tokenizer .*/clip is a 'clip' run, not a VQ tokenizer run"):
-        vq_method.load_tokenizer(str(tmp_path / "clip"))
+    with pytest.raises(CheckpointError, match=r"tokenizer=.*/clip is a 'clip' run, not a 'vq' run"):
+        load_tokenizer(str(tmp_path / "clip"))

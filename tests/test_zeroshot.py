@@ -10,6 +10,7 @@ from tests.helpers import normalised
 from vlp_jax.data import synthetic
 from vlp_jax.data.tokenizer import train_tokenizer
 from vlp_jax.evaluate import retrieval, zeroshot
+from vlp_jax.evaluate import world as world_eval
 
 
 def reference_topk(image_emb, classifier, labels, k):
@@ -96,10 +97,10 @@ def world_tasks():
     """The world's tasks on 40 images each, and the scenes they were drawn from (by task-name prefix)."""
     world = synthetic.default_config()
     splits = {
-        "single_object": synthetic.make_split(zeroshot.single_object_world(world), "eval", 40),
+        "single_object": synthetic.make_split(world_eval.single_object_world(world), "eval", 40),
         "leftmost": synthetic.make_split(world, "eval", 40),
     }
-    return world, zeroshot.world_zeroshot_tasks(world, 40), splits
+    return world, world_eval.world_zeroshot_tasks(world, 40), splits
 
 
 def test_world_tasks_label_the_only_or_the_leftmost_object(world_tasks):

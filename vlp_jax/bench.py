@@ -25,10 +25,10 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from vlp_jax import cli, metrics, parallel, train
+from vlp_jax import cli, methods, parallel, stages, step
 from vlp_jax.data import benchmark as benchmark_data
 from vlp_jax.evaluate import benchmark as benchmark_retrieval
-from vlp_jax.methods.cots import RANDOM_TOKENIZER
+from vlp_jax.flops import mfu
 from vlp_jax.state import count_params
 
 cli.define_config_flag()
@@ -52,21 +52,14 @@ RETRIEVAL_COMMAND = "retrieval"
 RETRIEVAL_DEFAULT_CONFIG = "configs/clip.py:tiny"
 
 
-def random_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """A global batch of the config's shapes: uint8 images and token ids with an EOS-terminated prefix."""
-    batch, size = config.train.batch_size, config.model.image.image_size
-    tokens = rng.integers(4, config.model.text.vocab_size, (batch, config.model.text.max_len), dtype=np.int32)
-    tokens[:, -1] = 3
-    return {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8), "text": tokens}
-
-
 def benchmark(config, steps: int, warmup: int) -> dict[str, float | None]:
     """Times `steps` train steps after `warmup`; returns the figures `main` prints."""
-    host_batch = random_batch(config, np.random.default_rng(config.seed))
-    run = train.setup(config, {key: value[:1] for key, value in host_batch.items()})
+    run = step.setup(config)
+    example = run.method.example_batch(config)  # random inputs of the method's declared shapes
+    host_batch = step.random_batch(example, config.train.batch_size, np.random.default_rng(config.seed))
     batch = parallel.global_batch_from_local(host_batch, run.mesh)
     started = time.perf_counter()
-    compiled, estimate, flops = train.compile_step(run, batch, config)
+    compiled, estimate, flops = step.compile_step(run, batch, config)
     compile_seconds = time.perf_counter() - started
     state = run.state
     for _ in range(warmup):
@@ -87,7 +80,7 @@ def benchmark(config, steps: int, warmup: int) -> dict[str, float | None]:
         "step_s_median": step_seconds,
         "pairs_per_s": config.train.batch_size / step_seconds,
         "tflops_per_s": flops / step_seconds / 1e12,
-        "mfu": metrics.mfu(flops, step_seconds, device.device_kind, config.model.dtype, run.mesh.size),
+        "mfu": mfu(flops, step_seconds, device.device_kind, config.model.dtype, run.mesh.size),
         "estimated_bytes_per_device": estimate.per_device_bytes,
         "peak_device_bytes": stats.get("peak_bytes_in_use"),
         "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -134,8 +127,9 @@ def main(argv):
             f"Unexpected arguments: {' '.join(argv[1:])}; the commands are '{DATA_COMMAND}' and '{RETRIEVAL_COMMAND}'"
         )
     config = FLAGS.config
-    if "mvm" in config.method and not config.method.mvm.tokenizer:
-        config.method.mvm.tokenizer = RANDOM_TOKENIZER  # step time does not depend on what the codes mean
+    for spec in methods.get(config.method.name).pretrained(config).values():
+        if not stages.get_key(config, spec.config_key):  # step time does not depend on what trained weights mean
+            stages.set_key(config, spec.config_key, stages.RANDOM)
     device = jax.devices()[0]
     print(f"device: {jax.device_count()} x {device.device_kind} ({device.platform}); dtype {config.model.dtype}; "
           f"global batch {config.train.batch_size}; mesh {dict(config.mesh)}")

@@ -4,14 +4,23 @@ A checkpoint directory is `<workdir>/checkpoints/<step>/` with three items: `sta
 directly into the current mesh's shardings, so a run saved on 8 devices resumes on 4 or on (2, 2, 2)), `data`
 (the iterator's JSON state) and `config` (JSON). Orbax writes into a temporary directory and renames it when
 complete, so a partially written checkpoint is never listed, never restored.
+
+`load_params` is the one partial reader of other runs (warm starts, tokenizers, teachers): it reads the selected
+leaves of the state's `params` or `extra` as host arrays, never the optimizer state.
 """
 
+import dataclasses
 import json
 import os
+import re
+from collections.abc import Iterable
+from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 # Config keys a resumed run may change: they alter neither shapes, the method, nor the optimisation.
@@ -19,7 +28,7 @@ from etils import epath
 # (the data loader's worker/prefetch settings included: the data order does not depend on them; nor the eval set,
 # so --mode=eval may score a checkpoint on other data).
 RESUMABLE_CHANGES = ("eval.", "checkpoint.", "train.log_every", "train.steps", "train.device_memory_bytes",
-                     "mesh.", "init_from", "data.loader.", "data.eval_sources", "data.group_label")
+                     "mesh.", "init_from", "init.", "data.loader.", "data.eval_sources", "data.group_label")
 ITEMS = ("state", "data", "config")
 # Replicated arrays smaller than this per replica slice are written from one replica. Orbax's replica-parallel
 # save slices every replicated array on its device first, an op compiled per shape: a model's first save blocked
@@ -94,12 +103,16 @@ class Checkpointer:
             force=True,
         )
 
+    def saved_config(self, step: int) -> dict:
+        """The run config saved with `step`, as JSON."""
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
     def restore(self, step: int, abstract_state, config: ml_collections.ConfigDict | None = None):
         """Returns (state, data_state). `abstract_state` holds ShapeDtypeStructs with the target shardings.
 
         With `config`, refuses a checkpoint whose config differs in anything but RESUMABLE_CHANGES.
         """
-        saved_config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        saved_config = self.saved_config(step)
         if config is not None:
             differences = config_differences(saved_config, config_as_json(config))
             if differences:
@@ -131,16 +144,211 @@ def abstract_like(state, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
-def open_existing(path: str | epath.Path) -> "Checkpointer":
-    """Opens another run's checkpoints for warm-starting, refusing directories that are not vlp_jax runs."""
-    workdir = epath.Path(path)
-    directory = workdir / "checkpoints"
-    if not directory.is_dir():
+PyTree = Any
+ITEM_SHOWN_PATHS = 8  # how many of a checkpoint's leaf paths an error message lists as examples
+
+
+def path_name(key_path) -> str:
+    """A leaf's pytree path as its '/'-joined keys, e.g. "towers/image_tower/cls": the names that load_params
+    and the parameter groups (optimizer.py) select with regexes."""
+    return jax.tree_util.keystr(key_path, simple=True, separator="/")
+
+
+def leaves_by_path(tree: PyTree) -> dict[str, Any]:
+    return {path_name(key_path): leaf for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def nest(flat: dict[str, Any]) -> dict:
+    """{'a/b': x, 'a/c': y} -> {'a': {'b': x, 'c': y}}."""
+    tree: dict = {}
+    for path, value in flat.items():
+        *parents, name = path.split("/")
+        node = tree
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[name] = value
+    return tree
+
+
+def compile_pattern(kind: str, pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"load_params {kind}: {pattern!r} is not a valid regex ({error})") from None
+
+
+def rename_rules(rename: Iterable) -> list[tuple[re.Pattern, str]]:
+    """Compiled (pattern, replacement) rules from pairs or "pattern=replacement" strings (split at the last '=',
+    so a pattern may hold a lookahead such as '(?=...)')."""
+    rules = []
+    for rule in rename:
+        if isinstance(rule, str):
+            if "=" not in rule:
+                raise ValueError(f"load_params rename: {rule!r} is not 'pattern=replacement'")
+            rule = rule.rsplit("=", 1)
+        pattern, replacement = rule
+        rules.append((compile_pattern("rename", pattern), replacement))
+    return rules
+
+
+@dataclasses.dataclass
+class Loaded:
+    """What load_params read from a run: `tree` (nested dicts of host arrays under the renamed paths, or the
+    target with those leaves replaced), the run's saved `config`, the `step` and its checkpoint `directory`
+    (<run_dir>/checkpoints/<step>); `paths`: the (renamed) paths of the leaves read."""
+
+    tree: PyTree
+    config: ml_collections.ConfigDict
+    step: int
+    directory: epath.Path
+    paths: tuple[str, ...]
+
+
+def load_params(
+    run_dir: str | epath.Path,
+    include: Iterable[str] = (),
+    exclude: Iterable[str] = (),
+    rename: Iterable = (),
+    *,
+    item: str = "params",
+    step: int | None = None,
+    target: PyTree = None,
+    flag: str = "--config.init_from",
+) -> Loaded:
+    """Reads the leaves of the TrainState subtree `item` ("params" or "extra") saved by the run in `run_dir`.
+
+    Leaf paths are '/'-joined keys relative to `item`. `include` regexes (fullmatch; none = all) select leaves,
+    `exclude` regexes drop some of those, `rename` (pattern, replacement) rules map saved paths to target paths
+    with re.sub, in order. Only the selected leaves are read (orbax partial restore), as host NumPy arrays.
+    With `target` (arrays or ShapeDtypeStructs), every selected leaf must have a target leaf of its shape:
+    it replaces it, cast to its dtype and placed in its sharding; other target leaves are kept.
+    Step None: the latest complete checkpoint. `flag` names where `run_dir` came from, for the errors.
+    """
+    run_dir = absolute(run_dir)
+    where = f"{flag}={run_dir}"
+    includes = [compile_pattern("include", pattern) for pattern in include]
+    excludes = [compile_pattern("exclude", pattern) for pattern in exclude]
+    rules = rename_rules(rename)
+    if not (run_dir / "checkpoints").is_dir():
+        raise CheckpointError(f"{where}: {run_dir / 'checkpoints'} does not exist; {flag} takes the --workdir of a "
+                             "vlp_jax run")
+    checkpointer = Checkpointer(run_dir, ml_collections.ConfigDict(dict(keep=None, keep_every=0, use_async=False)))
+    try:
+        steps = checkpointer.manager.all_steps()
+        if not steps:
+            raise CheckpointError(f"{where}: {checkpointer.directory} holds no complete vlp_jax checkpoint")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise CheckpointError(f"{where} has no checkpoint of step {step}; it has steps {sorted(steps)}")
+        config = ml_collections.ConfigDict(checkpointer.saved_config(step))
+        directory = checkpointer.directory / str(step)
+    finally:
+        checkpointer.close()
+
+    with ocp.PyTreeCheckpointer() as reader:
+        state_dir = directory / "state"  # the Checkpointer's layout
+        saved = reader.metadata(state_dir).item_metadata
+        if item not in saved:
+            raise CheckpointError(f"{where}: the state at {state_dir} has no {item!r}; it has {', '.join(saved)}")
+        available = leaves_by_path(saved[item])
+        selected = {path: rename_path(path, rules) for path in available if is_selected(path, includes, excludes)}
+        check_selection(where, item, available, selected, target)
+        # Unselected leaves are None: orbax's partial restore reads only the others (never the optimizer state).
+        wanted = {item: jax.tree_util.tree_map_with_path(
+            lambda key_path, meta: meta if path_name(key_path) in selected else None, saved[item])}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+        restored = reader.restore(
+            state_dir, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True)
+        )[item]
+    arrays = {selected[path]: np.asarray(value) for path, value in leaves_by_path(restored).items()}
+    tree = nest(arrays) if target is None else replace_leaves(target, arrays)
+    return Loaded(tree=tree, config=config, step=step, directory=directory, paths=tuple(arrays))
+
+
+def is_selected(path: str, includes: list[re.Pattern], excludes: list[re.Pattern]) -> bool:
+    included = not includes or any(pattern.fullmatch(path) for pattern in includes)
+    return included and not any(pattern.fullmatch(path) for pattern in excludes)
+
+
+def rename_path(path: str, rules: list[tuple[re.Pattern, str]]) -> str:
+    for pattern, replacement in rules:
+        path = pattern.sub(replacement, path)
+    return path
+
+
+def check_selection(where: str, item: str, available: dict[str, Any], selected: dict[str, str], target) -> None:
+    """Raises one CheckpointError listing every problem of the selection: nothing selected, two saved leaves
+    renamed to one path, selected leaves the target lacks, or has in another shape."""
+    if not selected:
+        examples = ", ".join(list(available)[:ITEM_SHOWN_PATHS])
         raise CheckpointError(
-            f"--config.init_from={path}: {directory} does not exist; init_from takes the --workdir of a vlp_jax run"
+            f"{where}: include/exclude select none of the {len(available)} {item} arrays; their paths look like "
+            f"{examples}{', ...' if len(available) > ITEM_SHOWN_PATHS else ''}"
         )
-    options = ml_collections.ConfigDict(dict(keep=None, keep_every=0, use_async=False))
-    checkpointer = Checkpointer(workdir, options)
-    if checkpointer.latest_step() is None:
-        raise CheckpointError(f"--config.init_from={path}: {directory} holds no complete vlp_jax checkpoint")
-    return checkpointer
+    problems = []
+    by_target: dict[str, list[str]] = {}
+    for path, renamed in selected.items():
+        by_target.setdefault(renamed, []).append(path)
+    problems += [f"{', '.join(paths)}: all renamed to {renamed}" for renamed, paths in by_target.items()
+                 if len(paths) > 1]
+    if target is not None:
+        targets = leaves_by_path(target)
+        unmatched = [f"{path}" + (f" (renamed {renamed})" if renamed != path else "")
+                     for path, renamed in selected.items() if renamed not in targets]
+        if unmatched:
+            problems.append(f"selected arrays with no counterpart in the target (unmatched, {len(unmatched)}):\n    "
+                            + "\n    ".join(unmatched))
+        problems += [
+            f"{renamed}: saved shape {tuple(available[path].shape)}, target shape {tuple(targets[renamed].shape)}"
+            for path, renamed in selected.items()
+            if renamed in targets and tuple(available[path].shape) != tuple(targets[renamed].shape)
+        ]
+    if problems:
+        raise CheckpointError(f"{where}: cannot load its {item}:\n  " + "\n  ".join(problems))
+
+
+def replace_leaves(target: PyTree, arrays: dict[str, np.ndarray]) -> PyTree:
+    """`target` with the leaves named in `arrays` replaced: cast to the target dtype, placed in its sharding."""
+
+    def replace(key_path, like):
+        value = arrays.get(path_name(key_path))
+        if value is None:
+            return like
+        value = value.astype(like.dtype)
+        sharding = getattr(like, "sharding", None)
+        return value if sharding is None else jax.device_put(value, sharding)
+
+    return jax.tree_util.tree_map_with_path(replace, target)
+
+
+def warm_start(params: PyTree, config: ml_collections.ConfigDict) -> PyTree:
+    """`params` with the arrays config.init (include/exclude/rename) selects from the run config.init_from
+    replaced; unchanged when init_from is empty."""
+    if not config.init_from:
+        return params
+    init = config.get("init") or ml_collections.ConfigDict(dict(include=(), exclude=(), rename=()))
+    loaded = load_params(config.init_from, init.include, init.exclude, init.rename, target=params)
+    logging.info("warm-started %d of %d parameter arrays from %s step %d", len(loaded.paths),
+                 len(jax.tree.leaves(params)), absolute(config.init_from), loaded.step)
+    return loaded.tree
+
+
+def find_checkpoint(path: str, flag: str) -> tuple[epath.Path, int]:
+    """(run directory, step) of `path`: a run's workdir (its latest checkpoint) or one <workdir>/checkpoints/<step>.
+
+    `flag` names the command-line flag `path` came from, for the error messages.
+    """
+    path = absolute(path)
+    if (path / "checkpoints").is_dir():
+        checkpointer = Checkpointer(path, ml_collections.ConfigDict(dict(keep=None, keep_every=0, use_async=False)))
+        latest = checkpointer.latest_step()
+        checkpointer.close()
+        if latest is None:
+            raise FileNotFoundError(f"{flag}={path} holds no complete checkpoint to evaluate; train first")
+        return path, latest
+    if path.name.isdigit() and path.parent.name == "checkpoints" and path.is_dir():
+        return path.parent.parent, int(path.name)
+    raise FileNotFoundError(
+        f"{flag}={path} is neither a run directory (holding checkpoints/) nor one of its checkpoints "
+        "(<workdir>/checkpoints/<step>); pass one of those, or train first (--mode=train)"
+    )

@@ -44,7 +44,8 @@ def main(argv):
         )
     import jax  # imported after flag parsing so --help stays fast
 
-    from vlp_jax import train
+    from vlp_jax import preemption, train
+    from vlp_jax.evaluate import run
 
     if FLAGS.distributed:
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -53,12 +54,12 @@ def main(argv):
     logging.info("process %d/%d, workdir %s", jax.process_index(), jax.process_count(), workdir or FLAGS.checkpoint)
     try:
         if FLAGS.mode == "eval":
-            train.evaluate_checkpoint(FLAGS.config, workdir, FLAGS.checkpoint)
+            run.evaluate_checkpoint(FLAGS.config, workdir, FLAGS.checkpoint)
         else:
             train.train_and_evaluate(FLAGS.config, workdir)
-    except train.Preempted as stop:
+    except preemption.Preempted as stop:
         logging.warning("%s", stop)
-        sys.exit(train.PREEMPTED_EXIT_CODE)
+        sys.exit(preemption.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

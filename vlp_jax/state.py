@@ -54,9 +54,12 @@ def create_train_state(
                           nonfinite_streak=zero, nonfinite_total=zero)
 
     abstract = jax.eval_shape(make_state, init_rng, train_rng)
+    # Moments follow their parameters; parameter groups (optimizer.py) leave optax.MaskedNode where a group's
+    # optimizer holds no state for a parameter, and the shardings tree keeps those nodes.
     opt_shardings = optax.tree_map_params(
-        tx, lambda _, sharding: sharding, abstract.opt_state, param_shardings,
-        transform_non_params=lambda _: replicated,
+        tx, lambda value, sharding: value if isinstance(value, optax.MaskedNode) else sharding,
+        abstract.opt_state, param_shardings,
+        transform_non_params=lambda _: replicated, is_leaf=lambda value: isinstance(value, optax.MaskedNode),
     )
     shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, extra=extra_shardings,
                            rng=replicated, nonfinite_streak=replicated, nonfinite_total=replicated)

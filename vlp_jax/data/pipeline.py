@@ -494,17 +494,18 @@ def _group_ids(groups: list) -> np.ndarray | None:
 
 
 def load(
-    config: ml_collections.ConfigDict, workdir: epath.PathLike,
+    config: ml_collections.ConfigDict, workdir: epath.PathLike, features=examples.IMAGE_TEXT,
     process_index: int | None = None, process_count: int | None = None, eval_limit: int = 0,
 ) -> Data:
-    """The training iterator, evaluation set (its first `eval_limit` images when > 0) and tokenizer of
-    `config.data` (see the module docstring)."""
+    """The training iterator with the declared `features` (examples.FEATURES), evaluation set (its first
+    `eval_limit` images when > 0) and tokenizer of `config.data` (see the module docstring)."""
     train_parts, weights = open_sources(config, "train", workdir)
     tokenizer = load_tokenizer(config, workdir, train_parts)
     image = transforms.ImageOptions.from_config(config.data.image, config.model.image.image_size)
     options = LoaderOptions.from_config(config.data.loader)
     noisy = any(examples.carries_noisy_flag(part) for part in train_parts)
-    prepare = examples.TrainExamples(image, tokenizer, config.model.text.max_len, noisy)
+    prepare = examples.TrainExamples(image, tokenizer, config.model.text.max_len, noisy, features,
+                                     config.data.get("max_boxes", examples.DEFAULT_MAX_BOXES))
     train = TrainIterator(TrainSource(train_parts, weights, prepare), config.train.batch_size, config.seed,
                           process_index, process_count, options)
     return Data(train, load_eval(config, workdir, tokenizer, eval_limit), tokenizer)

@@ -267,7 +267,18 @@ def _decode_crop(data: bytes, options: ImageOptions, choose_box) -> np.ndarray:
 
 def train_image(data: bytes, options: ImageOptions, rng: np.random.Generator) -> np.ndarray:
     """Stored bytes -> a random resized crop, uint8 [size, size, 3]; raises ImageError."""
-    return _decode_crop(data, options, lambda width, height: random_crop_box(width, height, options, rng))
+    return train_image_and_crop(data, options, rng)[0]
+
+
+def train_image_and_crop(data: bytes, options: ImageOptions, rng: np.random.Generator) -> tuple[np.ndarray, Box]:
+    """`train_image` and the crop it took, (x0, y0, x1, y1) in the stored image's pixels (for boxes)."""
+    chosen = []
+
+    def choose(width: int, height: int) -> Box:
+        chosen.append(random_crop_box(width, height, options, rng))
+        return chosen[-1]
+
+    return _decode_crop(data, options, choose), chosen[-1]
 
 
 def eval_image(data: bytes, options: ImageOptions) -> np.ndarray:

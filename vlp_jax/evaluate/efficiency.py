@@ -7,7 +7,7 @@ from its FLOPs at the FLOP rate our encoders reached in the same timing, so both
 
 import ml_collections
 
-from vlp_jax import metrics
+from vlp_jax import flops
 
 
 def cross_encoder_flops_per_pair(model: ml_collections.ConfigDict) -> float:
@@ -19,8 +19,8 @@ def cross_encoder_flops_per_pair(model: ml_collections.ConfigDict) -> float:
     image, text = model.image, model.text
     num_patches = (image.image_size // image.patch_size) ** 2
     tokens = num_patches + (1 if image.get("pool") == "cls" else 0) + text.max_len
-    patch_embed = 2 * num_patches * (image.patch_size**2 * metrics.IMAGE_CHANNELS) * image.width
-    return patch_embed + metrics.encoder_flops(tokens, image.width, image.depth + text.depth, image.mlp_dim)
+    patch_embed = 2 * num_patches * (image.patch_size**2 * flops.IMAGE_CHANNELS) * image.width
+    return patch_embed + flops.encoder_flops(tokens, image.width, image.depth + text.depth, image.mlp_dim)
 
 
 def efficiency_report(
@@ -38,8 +38,8 @@ def efficiency_report(
     """
     encode_seconds = image_seconds + text_seconds
     encode_flops = (
-        num_images * metrics.image_tower_flops(model.image, model.embed_dim)
-        + num_texts * metrics.text_tower_flops(model.text, model.embed_dim)
+        num_images * flops.image_tower_flops(model.image, model.embed_dim)
+        + num_texts * flops.text_tower_flops(model.text, model.embed_dim)
     )
     flops_per_second = encode_flops / encode_seconds  # what the encoders reached on this machine
     pair_flops = cross_encoder_flops_per_pair(model)

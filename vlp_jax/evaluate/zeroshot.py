@@ -5,16 +5,14 @@ are its dot products with every row. Accuracy comes from the rank of the true cl
 retrieval.py), so a collapsed model that scores every class equally gets 0% top-1, not 100%.
 
 The core (`prompts`, `class_embeddings`, `zeroshot_accuracy`, `evaluate_zeroshot`) works on any labelled images
-(a `ZeroShotTask`); `world_zeroshot_tasks` builds the embedded world's colour and shape tasks.
+(a `ZeroShotTask`); evaluate/world.py builds the embedded world's colour and shape tasks.
 """
 
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-import ml_collections
 import numpy as np
 
-from vlp_jax.data import synthetic
 from vlp_jax.data.tokenizer import Tokenizer
 from vlp_jax.evaluate.retrieval import Scorer
 
@@ -94,55 +92,3 @@ def evaluate_zeroshot(
         embed_texts(tokenizer.encode(texts, max_len)), len(task.class_names), len(task.templates)
     )
     return zeroshot_accuracy(embed_images(task.images), classifier, task.labels, scorer=scorer)
-
-
-def world_zeroshot_tasks(world: ml_collections.ConfigDict, num: int, split: str = "eval") -> list[ZeroShotTask]:
-    """The embedded world's tasks, `num` images each: an object's colour and, separately, its shape.
-
-    single_object_*: scenes of one object (`single_object_world`), a recognition test. leftmost_*: the leftmost
-    object of the first `num` scenes of `split`, which also needs left/right understanding. Prompts speak the
-    captions' language (only words they use); the attributes that are not the class are ensembled over, one
-    template per value, so the classifier averages them out.
-    """
-    single = synthetic.make_split(single_object_world(world), "eval", num)
-    scenes = synthetic.make_split(world, split, num)
-    return [
-        *_attribute_tasks("single_object", single, world, _SINGLE_OBJECT_CAPTIONS),
-        *_attribute_tasks("leftmost", scenes, world, _LEFTMOST_CAPTIONS),
-    ]
-
-
-def single_object_world(world: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`world` with one object per scene and every object kind in the eval split.
-
-    Unless the training world itself has one-object scenes, none of these images was trained on.
-    """
-    single = world.copy_and_resolve_references()
-    single.min_objects = single.max_objects = 1
-    single.eval_fraction = 1.0
-    return single
-
-
-# How the world's captions speak of a one-object scene, and of the leftmost object of several.
-_SINGLE_OBJECT_CAPTIONS = ("{mention}", "{mention} alone", "only {mention}")
-_LEFTMOST_CAPTIONS = ("{mention} on the left", "from left to right {mention}")
-
-
-def _attribute_tasks(
-    prefix: str, split: synthetic.SyntheticSplit, world: ml_collections.ConfigDict, captions: tuple[str, ...]
-) -> list[ZeroShotTask]:
-    """Colour and shape tasks labelled by each scene's first (leftmost) object."""
-    classes = {"colour": tuple(sorted(world.colours.keys())), "shape": tuple(world.shapes)}
-    sizes = sorted(world.sizes.keys())
-    phrases = {  # an object phrase per value of the other attributes, "{}" where the class goes
-        "colour": [f"{size} {{}} {shape}" for size in sizes for shape in classes["shape"]],
-        "shape": [f"{size} {colour} {{}}" for size in sizes for colour in classes["colour"]],
-    }
-    first = [scene.objects[0] for scene in split.scenes]  # objects are ordered left to right
-    tasks = []
-    for attribute, names in classes.items():
-        mentions = [f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}" for phrase in phrases[attribute]]
-        templates = tuple(caption.format(mention=mention) for mention in mentions for caption in captions)
-        labels = np.array([names.index(getattr(obj, attribute)) for obj in first])
-        tasks.append(ZeroShotTask(f"{prefix}_{attribute}", split.images, labels, names, templates))
-    return tasks

@@ -1,30 +1,34 @@
-"""Method registry: `build(config, mesh)` returns the method named by `config.method.name`."""
+"""Method registry: `build(config, mesh, pretrained)` returns the method named by `config.method.name`.
 
-from collections.abc import Callable
+`register(name, cls)` adds a method (a subclass of methods.base.Method) from outside the package, e.g. a test's.
+"""
 
 import ml_collections
-from etils import epath
 from jax.sharding import Mesh
 
-from vlp_jax.methods.base import Method
+from vlp_jax.methods.base import LoadedRun, Method
 from vlp_jax.methods.brivl import BrivlMethod
 from vlp_jax.methods.clip import ClipMethod
 from vlp_jax.methods.cots import CotsMethod
 from vlp_jax.methods.vq import VQMethod
 
-REGISTRY: dict[str, type] = {"brivl": BrivlMethod, "clip": ClipMethod, "cots": CotsMethod, "vq": VQMethod}
+REGISTRY: dict[str, type[Method]] = {"brivl": BrivlMethod, "clip": ClipMethod, "cots": CotsMethod, "vq": VQMethod}
 
 
-def build(config: ml_collections.ConfigDict, mesh: Mesh) -> Method:
-    name = config.method.name
+def register(name: str, method_class: type[Method]) -> None:
+    """Makes `config.method.name=name` build `method_class`."""
+    if not issubclass(method_class, Method):
+        raise TypeError(f"{method_class.__name__} must subclass vlp_jax.methods.base.Method")
+    REGISTRY[name] = method_class
+
+
+def get(name: str) -> type[Method]:
+    """The method class registered as `name`."""
     if name not in REGISTRY:
         raise ValueError(f"config.method.name={name!r} is unknown; known methods: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name](config, mesh)
+    return REGISTRY[name]
 
 
-def prepare(config: ml_collections.ConfigDict, workdir, train_fn: Callable | None) -> ml_collections.ConfigDict:
-    """Runs the stages the configured method needs before its own run (COTS: its visual tokenizer) and returns
-    the config to train with. A method opts in with a `prepare(config, workdir, train_fn)` static method;
-    `train_fn(config, workdir)` trains a stage, None (evaluation) only accepts finished stages."""
-    hook = getattr(REGISTRY.get(config.method.name), "prepare", None)
-    return config if hook is None else hook(config, epath.Path(workdir), train_fn)
+def build(config: ml_collections.ConfigDict, mesh: Mesh, pretrained: dict[str, LoadedRun] | None = None) -> Method:
+    """The configured method; `pretrained` holds the other runs' weights it declared (step.load_pretrained)."""
+    return get(config.method.name)(config, mesh, pretrained or {})

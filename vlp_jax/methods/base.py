@@ -1,30 +1,112 @@
-"""The Method protocol: the only things the generic train loop knows about a pre-training method.
+"""The Method protocol: the only things the generic loop (step.py, train.py, evaluate/run.py) knows about a method.
 
-All functions are pure over pytrees; `extra` carries non-gradient state (EMA params, queues, statistics).
+A method is built from the run config, the mesh and the other runs' weights it declared (`pretrained`), and is
+pure over pytrees: `extra` carries non-gradient state (EMA params, queues, statistics). Every hook is declared
+here with its default, so a method overrides what it needs and the loop never probes with getattr:
+
+- `features(config)`: the per-example features the data pipeline builds (data/examples.py FEATURES);
+- `example_batch(config)`: the arrays of one example (shape and dtype), used to initialise parameters, by
+  `--mode=eval` and by the benchmark; nothing is taken from the data to learn shapes;
+- `pretrained(config)`: other runs' weights the method needs (a tokenizer, a teacher), read by the loop with the
+  one partial reader (checkpoint.load_params) and handed to the constructor;
+- `evaluators(config)`: evaluators the method adds to those of `config.eval.evaluators` (evaluate/run.py);
+- `init`, `loss`, `encode`: the model itself.
 """
 
-from typing import Any, Protocol
+import dataclasses
+from typing import Any
 
 import jax
+import ml_collections
+from jax.sharding import Mesh
 
 PyTree = Any
-Batch = dict[str, jax.Array]  # "image": uint8 [B, H, W, 3], "text": int32 [B, L]; methods may need more keys
+Batch = dict[str, jax.Array]  # "image": uint8 [B, H, W, 3], "text": int32 [B, L], and what `features` declares
+IMAGE_TEXT = ("image", "text")  # the features of a two-tower method
 
 
-class Method(Protocol):
+@dataclasses.dataclass(frozen=True)
+class Feature:
+    """One array of an example: its shape without the batch axis, dtype, and for integer ids their range
+    [0, values), from which the benchmark draws random inputs (0: the dtype's own range)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    values: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """Weights of another run a method needs: the run directory is the value of the config key `config_key`
+    (dotted, e.g. "method.mvm.tokenizer"); `items` are the TrainState subtrees read ("params", "extra");
+    `method`, when given, is the config.method.name the run must have."""
+
+    config_key: str
+    items: tuple[str, ...] = ("params",)
+    method: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedRun:
+    """What the loop hands a method for each `Pretrained` it declared: the run's saved config and its trees
+    by item ({"params": ..., "extra": ...}, host arrays)."""
+
+    config: ml_collections.ConfigDict
+    trees: dict[str, PyTree]
+
+
+def image_text_example(config: ml_collections.ConfigDict) -> dict[str, Feature]:
+    """The example of a two-tower method: an image of the model's size and a caption of its token length."""
+    image, text = config.model.image, config.model.text
+    return {
+        "image": Feature((image.image_size, image.image_size, 3), "uint8"),
+        "text": Feature((text.max_len,), "int32", text.vocab_size),
+    }
+
+
+class Method:
+    """Base of every method; subclasses implement `init`, `loss` and `encode` and override hooks as needed."""
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, pretrained: dict[str, LoadedRun]):
+        self.config = config
+        self.mesh = mesh
+        self.loaded = pretrained
+
+    # -- declarations (class-level: the loop asks them before it builds the method) -----------------------------
+    @classmethod
+    def features(cls, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+        """Names of the per-example features the data pipeline builds for this method."""
+        del config
+        return IMAGE_TEXT
+
+    @classmethod
+    def example_batch(cls, config: ml_collections.ConfigDict) -> dict[str, Feature]:
+        """The arrays of one training example (the batch's keys, without the batch axis)."""
+        return image_text_example(config)
+
+    @classmethod
+    def pretrained(cls, config: ml_collections.ConfigDict) -> dict[str, Pretrained]:
+        """Other runs' weights by name; the constructor receives them loaded, as `pretrained[name]`."""
+        del config
+        return {}
+
+    @classmethod
+    def evaluators(cls, config: ml_collections.ConfigDict) -> dict[str, dict]:
+        """Evaluators this method adds to `config.eval.evaluators`: name -> {"type": registered type, ...}."""
+        del config
+        return {}
+
+    # -- the model -----------------------------------------------------------------------------------------------
     def init(self, rng: jax.Array, batch: Batch) -> tuple[PyTree, PyTree]:
         """Returns (params, extra); leaves may carry logical partitioning metadata (boxed)."""
+        raise NotImplementedError
 
     def loss(
         self, params: PyTree, extra: PyTree, batch: Batch, rng: jax.Array, step: jax.Array
     ) -> tuple[jax.Array, tuple[dict[str, jax.Array], PyTree]]:
         """Returns (scalar loss, (metrics, new_extra)); runs inside the jitted train step."""
+        raise NotImplementedError
 
     def encode(self, params: PyTree, batch: Batch) -> dict[str, jax.Array]:
         """L2-normalised embeddings for evaluation: {"image": [b, d]} and/or {"text": [b, d]}."""
-
-
-# Optional: a method whose evaluation is not image-text retrieval (e.g. the VQ tokenizer) defines
-#     make_evaluator(param_shardings, mesh, batch_size) -> evaluator(params, extra, eval_dataset) -> dict[str, float]
-# and the train loop uses it instead of the retrieval suite (`train.make_evaluator`); the suite's extras (zero-shot,
-# unimodal, efficiency, the retrieval picture) apply to the retrieval suite only.
+        raise NotImplementedError

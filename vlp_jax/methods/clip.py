@@ -3,20 +3,21 @@
 import flax.linen as nn
 import jax
 import ml_collections
-from jax.sharding import Mesh
 
-from vlp_jax.methods.base import Batch, PyTree
+from vlp_jax.methods.base import Batch, Method, PyTree
 from vlp_jax.models.dual_encoder import DualEncoder
 from vlp_jax.models.heads import LogitScale
 from vlp_jax.objectives.contrastive import clip_loss
 
 
 class ClipModel(nn.Module):
-    config: ml_collections.ConfigDict  # the whole run config
+    model: ml_collections.ConfigDict  # config.model
+    temperature_init: float
+    max_logit_scale: float
 
     def setup(self):
-        self.towers = DualEncoder(self.config.model)
-        self.logit_scale = LogitScale(self.config.method.temperature_init, self.config.method.max_logit_scale)
+        self.towers = DualEncoder(self.model)
+        self.logit_scale = LogitScale(self.temperature_init, self.max_logit_scale)
 
     def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
         return {**self.towers(images, tokens), "logit_scale": self.logit_scale()}
@@ -28,12 +29,12 @@ class ClipModel(nn.Module):
         return self.towers.encode_text(tokens)[0]
 
 
-class ClipMethod:
+class ClipMethod(Method):
     """Implements the Method protocol for the two-tower InfoNCE baseline."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
-        self.model = ClipModel(config)
-        self.mesh = mesh
+    def __init__(self, config, mesh, pretrained):
+        super().__init__(config, mesh, pretrained)
+        self.model = ClipModel(config.model, config.method.temperature_init, config.method.max_logit_scale)
 
     def init(self, rng: jax.Array, batch: Batch) -> tuple[PyTree, PyTree]:
         variables = self.model.init(rng, batch["image"], batch["text"])

@@ -3,23 +3,17 @@
 [ours] COTS does not specify its tokenizer; models/vq.py documents our VQ-VAE. Training minimises
 reconstruction MSE (pixels scaled to [-1, 1]) + β × commitment loss; the EMA codebook lives in `extra`.
 
-For COTS: `load_tokenizer(workdir)` returns (vq_config, tokenizer) from a finished VQ run and
-`image_codes(vq_config, tokenizer, images)` gives the code of every ViT patch, in the ViT's patch order.
-A tokenizer is the pytree {"params": VQ-VAE parameters, "codebook": {"cluster_size", "embed_sum"}}.
+For COTS: `image_codes(vq_config, tokenizer, images)` gives the code of every ViT patch, in the ViT's patch order;
+a tokenizer is the pytree {"params": VQ-VAE parameters, "codebook": {"cluster_size", "embed_sum"}}, read from a
+finished VQ run by the loop (checkpoint.load_params: its params and extra). Its evaluation is the
+`reconstruction` evaluator (evaluate/reconstruction.py), declared in configs/vq.py.
 """
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import orbax.checkpoint as ocp
-from jax.sharding import Mesh
 
-from vlp_jax import parallel
-from vlp_jax.checkpoint import Checkpointer, CheckpointError, absolute
-from vlp_jax.data.pipeline import PairDataset
-from vlp_jax.evaluate.embeddings import embed_all
-from vlp_jax.methods.base import Batch, PyTree
+from vlp_jax.methods.base import Batch, Feature, Method, PyTree
 from vlp_jax.models import vq
 from vlp_jax.models.heads import l2_normalize
 from vlp_jax.models.vit import normalize_images
@@ -67,14 +61,23 @@ def check_images(config: ml_collections.ConfigDict, images: jax.Array) -> None:
         )
 
 
-class VQMethod:
+class VQMethod(Method):
     """Implements the Method protocol for the VQ-VAE tokenizer; `extra` is its EMA codebook."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
+    def __init__(self, config, mesh, pretrained):
         check_config(config)
-        self.config = config
-        self.mesh = mesh
+        super().__init__(config, mesh, pretrained)
         self.model = build_model(config)
+
+    @classmethod
+    def features(cls, config):
+        del config
+        return ("image",)
+
+    @classmethod
+    def example_batch(cls, config):
+        size = config.model.image.image_size
+        return {"image": Feature((size, size, 3), "uint8")}
 
     def init(self, rng: jax.Array, batch: Batch) -> tuple[PyTree, PyTree]:
         check_images(self.config, batch["image"])
@@ -125,50 +128,6 @@ class VQMethod:
         errors = jnp.mean((out["reconstruction"] - out["pixels"]) ** 2, axis=(1, 2, 3))
         return errors, out["codes"].reshape(len(images), -1)
 
-    def make_evaluator(self, param_shardings, mesh: Mesh, batch_size: int) -> "ReconstructionEvaluator":
-        return ReconstructionEvaluator(self, param_shardings, mesh, batch_size)
-
-
-class ReconstructionEvaluator:
-    """Held-out reconstruction MSE, codebook usage and perplexity, next to the mean-image baseline's MSE."""
-
-    def __init__(self, method: VQMethod, param_shardings, mesh: Mesh, batch_size: int):
-        parallel.check_batch_size(batch_size, mesh, flag="config.eval.batch_size")
-        self.mesh = mesh
-        self.batch_size = batch_size
-        self.num_codes = method.config.method.codebook_size
-
-        # float32 [b, 1 + num_patches]: each image's MSE, then its codes (exact in float32 below 2**24 codes)
-        def score(params, codebook, images):
-            errors, codes = method.reconstruct(params, codebook, images)
-            return jnp.concatenate([errors[:, None], codes.astype(jnp.float32)], axis=1)
-
-        self.score = jax.jit(
-            score,
-            in_shardings=(param_shardings, parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-            out_shardings=parallel.replicated(mesh),
-        )
-
-    def __call__(self, params, extra, dataset: PairDataset) -> dict[str, float]:
-        """`extra` is the run's EMA codebook (the train state's extra)."""
-        with parallel.mesh_context(self.mesh):
-            scores = embed_all(lambda p, images: self.score(p, extra, images), params, dataset.images,
-                               self.batch_size, self.mesh)
-        errors, codes = scores[:, 0], scores[:, 1:].astype(np.int64)  # [n], [n, num_patches]
-        counts = np.bincount(codes.reshape(-1), minlength=self.num_codes)
-        return {
-            "reconstruction_mse": float(errors.mean()),
-            "mean_image_mse": mean_image_mse(dataset.images),
-            "codebook_usage": float(np.mean(counts > 0)),
-            "perplexity": float(vq.perplexity(jnp.asarray(counts, jnp.float32))),
-        }
-
-
-def mean_image_mse(images: np.ndarray) -> float:
-    """The trivial baseline: MSE (pixels in [-1, 1]) of predicting every image as the set's mean image."""
-    pixels = images.astype(np.float64) / 127.5 - 1.0
-    return float(np.mean((pixels - pixels.mean(axis=0)) ** 2))
-
 
 def image_codes(vq_config: ml_collections.ConfigDict, params: PyTree, images: jax.Array) -> jax.Array:
     """The tokenizer's code of every patch: int32 [b, num_patches], row-major over the patch grid like the ViT.
@@ -180,40 +139,3 @@ def image_codes(vq_config: ml_collections.ConfigDict, params: PyTree, images: ja
     vectors = build_model(vq_config).apply({"params": params["params"]}, images, method=vq.VQVAE.encode)
     codes = vq.nearest_codes(vectors.reshape(-1, vectors.shape[-1]), vq.codebook_vectors(params["codebook"]))
     return codes.reshape(images.shape[0], -1)
-
-
-def load_tokenizer(path: str) -> tuple[ml_collections.ConfigDict, PyTree]:
-    """(vq_config, tokenizer) from the latest checkpoint of the VQ run in `path` (its --workdir).
-
-    The tokenizer pytree {"params", "codebook"} holds host NumPy arrays; the optimizer state is not read.
-    """
-    directory = absolute(path) / "checkpoints"
-    if not directory.is_dir():
-        raise CheckpointError(
-            f"tokenizer {path}: {directory} does not exist; pass the --workdir of a VQ tokenizer run "
-            "(python -m vlp_jax.main --config=configs/vq.py:<size> --workdir=...)"
-        )
-    checkpointer = Checkpointer(path, ml_collections.ConfigDict(dict(keep=None, keep_every=0, use_async=False)))
-    try:
-        step = checkpointer.latest_step()
-        if step is None:
-            raise CheckpointError(f"tokenizer {path}: {directory} holds no complete checkpoint; train it first")
-        manager = checkpointer.manager
-        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-        name = saved.get("method", {}).get("name")
-        if name != NAME:
-            raise CheckpointError(
-                f"tokenizer {path} is a {name!r} run, not a VQ tokenizer run (config.method.name={NAME!r}); "
-                "pass the --workdir of a run of configs/vq.py"
-            )
-        state_dir = directory / str(step) / "state"  # checkpoint.py's layout
-        with ocp.PyTreeCheckpointer() as reader:
-            saved_tree = reader.metadata(state_dir).item_metadata
-            wanted = {key: saved_tree[key] for key in ("params", "extra")}  # not the optimizer state
-            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-            state = reader.restore(
-                state_dir, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True)
-            )
-    finally:
-        checkpointer.close()
-    return ml_collections.ConfigDict(saved), {"params": state["params"], "codebook": state["extra"]}

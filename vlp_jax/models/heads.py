@@ -38,6 +38,20 @@ class LogitScale(nn.Module):
         return jnp.minimum(jnp.exp(log_scale), self.max_scale)
 
 
+class Temperature(nn.Module):
+    """1/τ: a learnable clipped scale (CLIP-style) starting at 1/`temperature`, or that fixed constant (MoCo)."""
+
+    temperature: float
+    learnable: bool
+    max_logit_scale: float
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        if self.learnable:
+            return LogitScale(self.temperature, self.max_logit_scale, name="scale")()
+        return jnp.float32(1.0 / self.temperature)
+
+
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 

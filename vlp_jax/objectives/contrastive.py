@@ -10,6 +10,7 @@ One function serves every method:
 - BriVL / COTS: the keys are momentum-encoder embeddings (no gradient), optionally followed by a paired queue of
   older keys (`queue`: image/text keys enqueued together, so column B + k is one pair in both directions),
   per-pair weights (the adaptive momentum filter), and the KL alignment of the i2t and t2i distributions.
+- Unimodal knowledge sharing (COOKIE): the two sides are a student's and a teacher's embeddings of one modality.
 """
 
 import functools
@@ -28,68 +29,77 @@ def _masked(logits: jax.Array, keep: jax.Array) -> jax.Array:
     return jnp.where(keep, logits, MASKED_LOGIT)
 
 
-def _local_contrastive(image_q, text_q, image_k, text_k, queue, weights, logit_scale, *, in_batch_negatives,
+def _local_contrastive(queries_a, queries_b, keys_a, keys_b, queue, weights, logit_scale, *, in_batch_negatives,
                        with_kl, kl_symmetric):
     """Runs per replica inside shard_map; returns global (weighted) means, identical on every replica."""
-    local = image_q.shape[0]
-    keys_text = gather_batch(text_k)  # [B, d]: every replica's text keys score our image queries
-    keys_image = gather_batch(image_k)  # [B, d]
+    local = queries_a.shape[0]
+    gathered_b = gather_batch(keys_b)  # [B, d]: every replica's b keys score our a queries
+    gathered_a = gather_batch(keys_a)  # [B, d]
     labels = replica_index() * local + jnp.arange(local)  # our positives' columns in the gathered batch
-    logits_i2t = logit_scale * image_q.astype(jnp.float32) @ keys_text.astype(jnp.float32).T  # [b, B]
-    logits_t2i = logit_scale * text_q.astype(jnp.float32) @ keys_image.astype(jnp.float32).T  # [b, B]
+    logits_ab = logit_scale * queries_a.astype(jnp.float32) @ gathered_b.astype(jnp.float32).T  # [b, B]
+    logits_ba = logit_scale * queries_b.astype(jnp.float32) @ gathered_a.astype(jnp.float32).T  # [b, B]
     if not in_batch_negatives:  # MoCo as in BriVL's paper: only the positive from the batch, negatives from the queue
-        own = jnp.arange(keys_text.shape[0])[None, :] == labels[:, None]
-        logits_i2t, logits_t2i = _masked(logits_i2t, own), _masked(logits_t2i, own)
+        own = jnp.arange(gathered_b.shape[0])[None, :] == labels[:, None]
+        logits_ab, logits_ba = _masked(logits_ab, own), _masked(logits_ba, own)
     if queue is not None:
         valid = queue["valid"][None, :]
-        logits_i2t = jnp.concatenate(
-            [logits_i2t, _masked(logit_scale * image_q.astype(jnp.float32) @ queue["text"].T, valid)], axis=1)
-        logits_t2i = jnp.concatenate(
-            [logits_t2i, _masked(logit_scale * text_q.astype(jnp.float32) @ queue["image"].T, valid)], axis=1)
-    log_p_i2t = jax.nn.log_softmax(logits_i2t, axis=-1)
-    log_p_t2i = jax.nn.log_softmax(logits_t2i, axis=-1)
+        logits_ab = jnp.concatenate(
+            [logits_ab, _masked(logit_scale * queries_a.astype(jnp.float32) @ queue["b"].T, valid)], axis=1)
+        logits_ba = jnp.concatenate(
+            [logits_ba, _masked(logit_scale * queries_b.astype(jnp.float32) @ queue["a"].T, valid)], axis=1)
+    log_p_ab = jax.nn.log_softmax(logits_ab, axis=-1)
+    log_p_ba = jax.nn.log_softmax(logits_ba, axis=-1)
     rows = jnp.arange(local)
-    per_row = -(log_p_i2t[rows, labels] + log_p_t2i[rows, labels])  # [b]
+    per_row = -(log_p_ab[rows, labels] + log_p_ba[rows, labels])  # [b]
     w = jnp.ones((local,), jnp.float32) if weights is None else weights.astype(jnp.float32)
     total_weight = jnp.maximum(jax.lax.psum(w.sum(), BATCH_AXES), 1e-6)
     loss = jax.lax.psum((w * per_row).sum(), BATCH_AXES) / (2 * total_weight)
-    correct = jnp.sum(jnp.argmax(logits_i2t, axis=-1) == labels)
+    correct = jnp.sum(jnp.argmax(logits_ab, axis=-1) == labels)
     accuracy = jax.lax.psum(correct, BATCH_AXES) / jax.lax.psum(local, BATCH_AXES)
     out = {"loss": loss, "accuracy": accuracy}
     if with_kl:
-        # Column k of both distributions is the same pair (the text key of pair k for i2t, its image key for t2i).
-        p_i2t, p_t2i = jnp.exp(log_p_i2t), jnp.exp(log_p_t2i)
-        kl = jnp.sum(p_i2t * (log_p_i2t - log_p_t2i), axis=-1)  # KL(p_i2t ‖ p_t2i) per row
-        if kl_symmetric:
-            kl = 0.5 * (kl + jnp.sum(p_t2i * (log_p_t2i - log_p_i2t), axis=-1))
+        kl = kl_alignment(log_p_ab, log_p_ba, kl_symmetric)  # [b]
         out["kl"] = jax.lax.psum((w * kl).sum(), BATCH_AXES) / total_weight
     return out
 
 
+def kl_alignment(log_p_ab: jax.Array, log_p_ba: jax.Array, symmetric: bool = True) -> jax.Array:
+    """COTS's task-level alignment per row: KL(p_ab ‖ p_ba), symmetrised when `symmetric`. [b, C] -> [b].
+
+    Column k of both distributions must be the same pair (pair k's b key for a→b, its a key for b→a)."""
+    p_ab, p_ba = jnp.exp(log_p_ab), jnp.exp(log_p_ba)
+    kl = jnp.sum(p_ab * (log_p_ab - log_p_ba), axis=-1)
+    if symmetric:
+        kl = 0.5 * (kl + jnp.sum(p_ba * (log_p_ba - log_p_ab), axis=-1))
+    return kl
+
+
 def contrastive_loss(
-    image: jax.Array,
-    text: jax.Array,
+    queries_a: jax.Array,
+    queries_b: jax.Array,
     logit_scale: jax.Array,
     mesh: Mesh,
     *,
-    image_keys: jax.Array | None = None,
-    text_keys: jax.Array | None = None,
+    keys_a: jax.Array | None = None,
+    keys_b: jax.Array | None = None,
     queue: dict[str, jax.Array] | None = None,
     weights: jax.Array | None = None,
     in_batch_negatives: bool = True,
     with_kl: bool = False,
     kl_symmetric: bool = True,
 ) -> dict[str, jax.Array]:
-    """Symmetric InfoNCE of unit-norm queries `image`, `text` [B, d] (sharded over the batch axes) against keys.
+    """Symmetric InfoNCE of unit-norm queries of two sides a and b [B, d] (sharded over the batch axes): a's
+    queries against b's keys and b's against a's; row i of both sides is pair i. Cross-modal: a = image,
+    b = text; the same function contrasts image↔image or text↔text (a student against a teacher).
 
-    Keys default to the queries of the other modality (CLIP). `queue` = {"image": [K, d], "text": [K, d],
-    "valid": bool [K]} adds K paired negatives (invalid slots masked out). `weights` [B] weights each pair's terms
-    (0 removes a pair from the loss; it stays a negative for the others). Returns {"loss", "accuracy"} and, with
-    `with_kl`, "kl": the (weighted mean) KL(p_i2t ‖ p_t2i), symmetrised if `kl_symmetric`.
+    Keys default to the other side's queries (CLIP). `queue` = {"a": [K, d], "b": [K, d], "valid": bool [K]} adds
+    K paired negatives (invalid slots masked out). `weights` [B] weights each pair's terms (0 removes a pair from
+    the loss; it stays a negative for the others). Returns {"loss", "accuracy" (a→b top-1)} and, with `with_kl`,
+    "kl": the (weighted mean) kl_alignment of the a→b and b→a distributions.
     """
     rows, whole = PartitionSpec(BATCH_AXES), PartitionSpec()
-    image_keys = image if image_keys is None else image_keys
-    text_keys = text if text_keys is None else text_keys
+    keys_a = queries_a if keys_a is None else keys_a
+    keys_b = queries_b if keys_b is None else keys_b
     local = functools.partial(_local_contrastive, in_batch_negatives=in_batch_negatives, with_kl=with_kl,
                               kl_symmetric=kl_symmetric)
     out_specs = {"loss": whole, "accuracy": whole, **({"kl": whole} if with_kl else {})}
@@ -98,7 +108,7 @@ def contrastive_loss(
         mesh=mesh,
         in_specs=(rows, rows, rows, rows, None if queue is None else whole, None if weights is None else rows, whole),
         out_specs=out_specs,
-    )(image, text, image_keys, text_keys, queue, weights, logit_scale)
+    )(queries_a, queries_b, keys_a, keys_b, queue, weights, logit_scale)
 
 
 def clip_loss(

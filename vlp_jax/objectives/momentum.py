@@ -64,6 +64,11 @@ def enqueue(queue: dict, image_keys: jax.Array, text_keys: jax.Array, keep: jax.
     }
 
 
+def as_pairs(queue: dict) -> dict[str, jax.Array]:
+    """The queue as contrastive_loss's paired negatives: side a = image keys, side b = text keys."""
+    return {"a": queue["image"], "b": queue["text"], "valid": queue["valid"]}
+
+
 def init_filter() -> dict[str, jax.Array]:
     """AMF running statistics of the momentum positive-pair similarity."""
     zero = jnp.zeros((), jnp.float32)

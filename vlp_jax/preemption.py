@@ -1,0 +1,50 @@
+"""Preemption: SIGTERM/SIGINT recorded instead of killing the run, agreed on by every process, so the loop
+finishes its step, saves and exits with PREEMPTED_EXIT_CODE (the launcher or SLURM reruns the same command)."""
+
+import signal
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run saved itself and should be restarted (e.g. requeued by SLURM)
+
+
+class Preempted(Exception):
+    """Raised after the state was saved because the process was asked to stop (SIGTERM/SIGINT)."""
+
+    def __init__(self, step: int, signal_name: str):
+        super().__init__(f"received {signal_name}: saved step {step}; rerun the same command to resume")
+        self.step = step
+
+
+class StopSignal:
+    """Records SIGTERM/SIGINT instead of dying, so the loop can finish its step and save; all processes agree."""
+
+    def __init__(self):
+        self.received: int | None = None  # set by the handler: the signal this process received
+        self.agreed: int | None = None  # set by `requested`: the signal every process stops for
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        del frame
+        self.received = signum
+
+    def requested(self) -> bool:
+        """Whether any process received a signal. Multi-process: a collective that every process calls once per
+        step, so a signal sent to one process stops all of them after the same step."""
+        signum = self.received or 0  # read once: a signal arriving during the collective counts at the next step
+        if jax.process_count() > 1:
+            signum = int(np.max(multihost_utils.process_allgather(np.array(signum))))  # max over [processes]
+        self.agreed = signum or None
+        return self.agreed is not None
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def __enter__(self) -> "StopSignal":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.restore()
