@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench clean data-emoji
+.PHONY: test test-fast demo lint bench clean data-emoji
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest tests --durations=15
+
+# Unit tests only (no end-to-end training runs, no extra processes): a few minutes on 2 cores.
+test-fast: $(STAMP)
+	$(PY) -m pytest tests/unit --durations=10
 
 demo: $(STAMP)
 	$(PY) -m vlp_jax.main --config=configs/clip.py:tiny --workdir=workdir/demo
@@ -34,7 +38,7 @@ EMOJI_PACKAGES := emoji-datasource@16.0.0 emoji-datasource-google@16.0.0 emoji-d
 data-emoji: $(STAMP)
 	mkdir -p $(EMOJI_DIR)/npm
 	npm install --no-audit --no-fund --prefix $(EMOJI_DIR)/npm $(EMOJI_PACKAGES)
-	$(PY) -m vlp_jax.data.emoji --npm-dir=$(EMOJI_DIR)/npm --out=$(EMOJI_DIR)/shards --baselines
+	$(PY) -m vlp_jax.datasets.emoji --npm-dir=$(EMOJI_DIR)/npm --out=$(EMOJI_DIR)/shards --baselines
 
 clean:
 	rm -rf $(VENV) workdir

@@ -111,7 +111,7 @@ def base_config(size: str) -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(
         dict(
             # Comma-separated sources, each optionally '@WEIGHT' (mixing weight): 'synthetic' (the embedded
-            # world), a dataset directory from vlp_jax.data.convert ('DIR' or 'DIR:SPLIT'), a glob of ArrayRecord
+            # world), a dataset directory from vlp_jax.datasets.convert ('DIR' or 'DIR:SPLIT'), a glob of ArrayRecord
             # files, or 'tfds:NAME[:SPLIT]' (the [tfds] extra). See vlp_jax/data/sources.py.
             train_sources="synthetic",
             eval_sources="synthetic",

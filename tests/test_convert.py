@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlp_jax.data import convert, records
-from vlp_jax.data.convert import ConvertError, Options
+from vlp_jax.data import records
+from vlp_jax.datasets import convert
+from vlp_jax.datasets.convert import ConvertError, Options
 
 
 def image_bytes(fmt: str, size=(40, 30), mode="RGB", seed=0) -> bytes:
@@ -366,7 +367,7 @@ def test_errors_name_the_input(tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "vlp_jax.data.convert", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "vlp_jax.datasets.convert", *map(str, args)],
                           capture_output=True, text=True, timeout=60)
 
 
@@ -385,3 +386,9 @@ def test_cli(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "converted 2 records; skipped 1" in done.stdout and "missing_image: 1" in done.stdout
     assert "convert: 2/2 units" in done.stderr
+
+
+def test_the_old_module_path_runs_the_same_command():
+    old = subprocess.run([sys.executable, "-m", "vlp_jax.data.convert", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert old.returncode == 0 and old.stdout.startswith("usage: python -m vlp_jax.datasets.convert ")

@@ -6,8 +6,9 @@ import pytest
 
 from configs import clip
 from vlp_jax.data import synthetic
-from vlp_jax.data.pipeline import PairDataset, TrainIterator
+from vlp_jax.data.dataset import PairDataset
 from vlp_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, train_tokenizer
+from vlp_jax.data.train_stream import TrainIterator
 
 
 @pytest.fixture(scope="module")

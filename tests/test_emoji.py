@@ -3,12 +3,15 @@ the split by emoji, ids and labels, skip reasons, baselines and the CLI. No netw
 
 import io
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from vlp_jax.data import emoji, records
+from vlp_jax.data import records
+from vlp_jax.datasets import emoji
 
 # key -> (datasource unified code, emojibase hexcode, emojilib characters, openmoji hexcode, CLDR label, CLDR tags,
 #         emojilib keywords, short names, Unicode name, openmoji tags)
@@ -182,6 +185,12 @@ def test_cli_writes_shards_and_prints_report_and_baselines(npm_dir, tmp_path, ca
     printed = capsys.readouterr().out
     assert "emoji: 6 (train: 3 emoji" in printed and "unimodal baselines" in printed
     assert set(records.read_manifest(out)["splits"]) == {"train", "eval"}
+
+
+def test_the_old_module_path_runs_the_same_command():
+    old = subprocess.run([sys.executable, "-m", "vlp_jax.data.emoji", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert old.returncode == 0 and old.stdout.startswith("usage: python -m vlp_jax.datasets.emoji ")
 
 
 def test_missing_package_is_a_clear_error(tmp_path, capsys):

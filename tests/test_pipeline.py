@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from tests.helpers import tiny_config
-from vlp_jax.data import examples, pipeline, records, sources, synthetic, tokenizer, transforms
+from vlp_jax.data import examples, loader, pipeline, records, sources, synthetic, tokenizer, train_stream, transforms
 from vlp_jax.data.records import ImageTextRecord
+from vlp_jax.data.skips import SkipLog, Skipped
 
 SIZE = 8  # image side of these tests' records and batches
 MAX_LEN = 12
@@ -56,9 +57,9 @@ def dataset_dir(tmp_path_factory):
 def make_iterator(parts, word_tokenizer, global_batch=8, seed=0, process_index=0, process_count=1, weights=None,
                   options=None, **image_overrides):
     prepare = examples.TrainExamples(image_options(**image_overrides), word_tokenizer, MAX_LEN, noisy=False)
-    source = pipeline.TrainSource(parts, weights or [1.0] * len(parts), prepare)
-    return pipeline.TrainIterator(source, global_batch, seed, process_index, process_count,
-                                  options or pipeline.LoaderOptions(skip_log_limit=5))
+    source = train_stream.TrainSource(parts, weights or [1.0] * len(parts), prepare)
+    return train_stream.TrainIterator(source, global_batch, seed, process_index, process_count,
+                                      options or loader.LoaderOptions(skip_log_limit=5))
 
 
 def open_dir(path, split="train"):
@@ -80,9 +81,9 @@ def test_round_trip_from_shards_to_batches(dataset_dir, word_tokenizer):
         for number, text in zip(record_numbers(batch), word_tokenizer.decode(batch["text"]), strict=True):
             assert text in {f"item {number}", f"thing {number}", f"object {number}"}
         assert (batch["image"] == batch["image"][:, :1, :1, :]).all()  # a solid image stays solid under crops
-    eval_set = pipeline.read_pairs([open_dir(dataset_dir)], examples.EvalExamples(image_options(), word_tokenizer,
-                                                                                  MAX_LEN), pipeline.LoaderOptions(),
-                                   "test eval")
+    eval_set = loader.read_pairs([open_dir(dataset_dir)], examples.EvalExamples(image_options(), word_tokenizer,
+                                                                                MAX_LEN), loader.LoaderOptions(),
+                                 "test eval")
     assert eval_set.images[:, 0, 0, 0].tolist() == list(range(48)) and eval_set.image_groups is None
     assert word_tokenizer.decode(eval_set.captions[:3]) == ["item 0", "thing 0", "object 0"]
     assert eval_set.caption_image.tolist() == np.repeat(np.arange(48), 3).tolist()
@@ -241,7 +242,7 @@ def bad_dir(tmp_path_factory):
 
 def expected_skips(part) -> dict[str, int]:
     _, expected = bad_records()
-    corrupt = sum(isinstance(item, sources.Skipped) and item.reason == "corrupt_shard"
+    corrupt = sum(isinstance(item, Skipped) and item.reason == "corrupt_shard"
                   for item in (part[i] for i in range(len(part))))
     assert corrupt >= 1  # the records of the damaged chunk(s)
     return {**expected, "corrupt_shard": corrupt}
@@ -250,10 +251,10 @@ def expected_skips(part) -> dict[str, int]:
 def test_bad_records_are_skipped_counted_and_logged(bad_dir, word_tokenizer, caplog):
     part = sources.open_source(sources.SourceSpec(str(bad_dir / "bad-*.array_record"), "train", 1.0), "test")
     expected = expected_skips(part)
-    skips = pipeline.SkipLog(limit=5)
+    skips = SkipLog(limit=5)
     with caplog.at_level(logging.WARNING):
-        pairs = pipeline.read_pairs([part], examples.EvalExamples(image_options(), word_tokenizer, MAX_LEN),
-                                    pipeline.LoaderOptions(), "test", skips)
+        pairs = loader.read_pairs([part], examples.EvalExamples(image_options(), word_tokenizer, MAX_LEN),
+                                  loader.LoaderOptions(), "test", skips)
     assert dict(skips.counts) == expected  # each record read once: exact counts
     assert sorted(pairs.images[:, 0, 0, 0].tolist()) == sorted(set(pairs.images[:, 0, 0, 0].tolist()))
     assert len(pairs) == len(part) - sum(expected.values())
@@ -374,7 +375,7 @@ def test_mixing_weights_are_honoured(tmp_path, word_tokenizer):
 
 def test_worker_processes_give_the_same_batches(dataset_dir, word_tokenizer):
     in_process = make_iterator([open_dir(dataset_dir)], word_tokenizer)
-    workers = make_iterator([open_dir(dataset_dir)], word_tokenizer, options=pipeline.LoaderOptions(worker_count=2))
+    workers = make_iterator([open_dir(dataset_dir)], word_tokenizer, options=loader.LoaderOptions(worker_count=2))
     try:
         for _ in range(3):
             np.testing.assert_array_equal(next(workers)["text"], next(in_process)["text"])
@@ -390,7 +391,7 @@ def test_worker_chunks_give_the_in_process_batches_and_skip_counts(bad_dir, word
     part = sources.open_source(sources.SourceSpec(str(bad_dir / "bad-*.array_record"), "train", 1.0), "test")
     in_process = make_iterator([part], word_tokenizer, global_batch=4)
     workers = make_iterator([part], word_tokenizer, global_batch=4,
-                            options=pipeline.LoaderOptions(worker_count=2, worker_buffer=2))
+                            options=loader.LoaderOptions(worker_count=2, worker_buffer=2))
     try:
         for _ in range(12):  # batches made of rows of several chunks, around skipped records
             np.testing.assert_array_equal(next(workers)["image"], next(in_process)["image"])
@@ -467,11 +468,11 @@ def test_eval_image_groups_come_from_the_group_label(tmp_path, word_tokenizer):
               for i in range(6)]
     records.write_records(styles, tmp_path, "eval", records_per_shard=8)
     prepare = examples.EvalExamples(image_options(), word_tokenizer, MAX_LEN, group_label="group")
-    pairs = pipeline.read_pairs([open_dir(tmp_path, "eval")], prepare, pipeline.LoaderOptions(), "test")
+    pairs = loader.read_pairs([open_dir(tmp_path, "eval")], prepare, loader.LoaderOptions(), "test")
     assert pairs.image_groups.tolist() == [0, 0, 1, 1, 2, 2]
     ungrouped = examples.EvalExamples(image_options(), word_tokenizer, MAX_LEN)
-    assert pipeline.read_pairs([open_dir(tmp_path, "eval")], ungrouped, pipeline.LoaderOptions(), "test"
-                               ).image_groups is None
+    assert loader.read_pairs([open_dir(tmp_path, "eval")], ungrouped, loader.LoaderOptions(), "test"
+                             ).image_groups is None
 
 
 def test_tokenizer_cli_trains_from_shards(dataset_dir, tmp_path, capsys):

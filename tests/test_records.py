@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from vlp_jax.data import records
-from vlp_jax.data.records import ImageTextRecord, RecordError
+from vlp_jax.data.records import ImageTextRecord
+from vlp_jax.data.skips import SkipRecord
 
 
 def make_records(count: int) -> list[ImageTextRecord]:
@@ -70,7 +71,7 @@ def packed(**fields) -> bytes:
     ],
 )
 def test_decode_errors_carry_reasons(data, reason):
-    with pytest.raises(RecordError) as raised:
+    with pytest.raises(SkipRecord) as raised:
         records.decode_record(data)
     assert raised.value.reason == reason
     assert reason in records.DECODE_REASONS
@@ -79,15 +80,15 @@ def test_decode_errors_carry_reasons(data, reason):
 def test_decode_rejects_non_utf8_strings():
     good = packed(v=1, id="é", img=b"x", cap=["c"])
     bad = good.replace("é".encode(), b"\xff\xfe")
-    with pytest.raises(RecordError) as raised:
+    with pytest.raises(SkipRecord) as raised:
         records.decode_record(bad)
     assert raised.value.reason == "bad_utf8"
 
 
 def test_encode_rejects_wrong_types():
-    with pytest.raises(RecordError, match="boxes must be"):
+    with pytest.raises(SkipRecord, match="boxes must be"):
         records.encode_record(ImageTextRecord("a", b"x", ["c"], boxes=np.zeros((3, 3))))
-    with pytest.raises(RecordError, match="'cap'"):
+    with pytest.raises(SkipRecord, match="'cap'"):
         records.encode_record(ImageTextRecord("a", b"x", [1]))
 
 

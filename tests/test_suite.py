@@ -11,7 +11,7 @@ from PIL import Image
 
 from tests.helpers import read_metrics, tiny_config
 from vlp_jax import checkpoint, parallel, train
-from vlp_jax.data.pipeline import PairDataset
+from vlp_jax.data.dataset import PairDataset
 from vlp_jax.evaluate import run as eval_run
 from vlp_jax.evaluate import scope
 from vlp_jax.evaluate.context import EvalContext, EvalPass

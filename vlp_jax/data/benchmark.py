@@ -34,8 +34,10 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from vlp_jax.data import examples, pipeline, records, sources, synthetic, transforms
+from vlp_jax.data import examples, records, sources, synthetic, transforms
+from vlp_jax.data.loader import LoaderOptions
 from vlp_jax.data.tokenizer import train_tokenizer
+from vlp_jax.data.train_stream import TrainIterator, TrainSource
 
 DECODE_STEP = 32  # images per timed call of a decode baseline
 PIL_FULL = "PIL, full size"
@@ -172,9 +174,8 @@ def pipeline_rates(config: ml_collections.ConfigDict, data_dir: str, tokenizer, 
     part = sources.open_source(sources.SourceSpec(data_dir, "train", 1.0), "data benchmark")
     image = transforms.ImageOptions.from_config(config.data.image, config.model.image.image_size)
     prepare = examples.TrainExamples(image, tokenizer, config.model.text.max_len, noisy=False)
-    options = pipeline.LoaderOptions(worker_count=workers, worker_buffer=config.data.loader.worker_buffer)
-    batches = pipeline.TrainIterator(pipeline.TrainSource([part], [1.0], prepare), spec.batch, config.seed, 0, 1,
-                                     options)
+    options = LoaderOptions(worker_count=workers, worker_buffer=config.data.loader.worker_buffer)
+    batches = TrainIterator(TrainSource([part], [1.0], prepare), spec.batch, config.seed, 0, 1, options)
     try:
         next(batches)  # starts the workers
         rates = _best_rates({"pipeline": lambda: len(next(batches)["image"]), PIL_FULL: pil_full_decode(jpegs)},

@@ -28,25 +28,18 @@ import numpy as np
 from array_record.python import array_record_module
 from etils import epath
 
+from vlp_jax.data.skips import SkipRecord
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".array_record"
 # One record per chunk: random access without decompressing neighbours. Uncompressed: the image bytes are JPEG/PNG/
 # WebP already, so the default brotli only costs (3x the write time, +50% read time per record, same size).
 WRITER_OPTIONS = "group_size:1,uncompressed"
-# Why decode_record rejects a record; the pipeline counts skipped records under these names.
+# Why decode_record rejects a record (SkipRecord reasons); the pipeline counts skipped records under these names.
 DECODE_REASONS = ("bad_encoding", "bad_utf8", "unknown_version", "missing_field", "bad_field")
 _BOX_BYTES = 4 * 4  # four little-endian float32 per box
 _HASH_BLOCK = 1 << 20
-
-
-class RecordError(ValueError):
-    """A record that cannot be decoded; ``reason`` is one of DECODE_REASONS."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
 
 
 class ShardError(RuntimeError):
@@ -79,6 +72,14 @@ class ImageTextRecord:
         return same_boxes and all(getattr(self, f) == getattr(other, f) for f in fields)
 
 
+@dataclasses.dataclass(frozen=True)
+class Located:
+    """A decoded record and where it was read (shard and position), for the log line if a later stage rejects it."""
+
+    record: ImageTextRecord
+    where: str
+
+
 def _is_str_list(value) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
@@ -94,28 +95,28 @@ _OPTIONAL = {
 
 
 def _check_fields(fields) -> None:
-    """Raises RecordError unless ``fields`` is a valid map of the current schema."""
+    """Raises SkipRecord unless ``fields`` is a valid map of the current schema."""
     if not isinstance(fields, dict):
-        raise RecordError("bad_encoding", f"expected a msgpack map, got {type(fields).__name__}")
+        raise SkipRecord("bad_encoding", f"expected a msgpack map, got {type(fields).__name__}")
     if "v" not in fields:
-        raise RecordError("missing_field", "no schema version 'v'")
+        raise SkipRecord("missing_field", "no schema version 'v'")
     if fields["v"] != SCHEMA_VERSION:
-        raise RecordError("unknown_version", f"schema version {fields['v']!r}; this reader knows {SCHEMA_VERSION}")
+        raise SkipRecord("unknown_version", f"schema version {fields['v']!r}; this reader knows {SCHEMA_VERSION}")
     for key in _REQUIRED:
         if key not in fields:
-            raise RecordError("missing_field", f"no {key!r} field (record id {fields.get('id')!r})")
+            raise SkipRecord("missing_field", f"no {key!r} field (record id {fields.get('id')!r})")
     for key, valid in (_REQUIRED | _OPTIONAL).items():
         if key in fields and not valid(fields[key]):
-            raise RecordError("bad_field", f"field {key!r} has the wrong type (record id {fields.get('id')!r})")
+            raise SkipRecord("bad_field", f"field {key!r} has the wrong type (record id {fields.get('id')!r})")
 
 
 def encode_record(record: ImageTextRecord) -> bytes:
-    """The msgpack bytes of a record; raises RecordError for fields of the wrong type."""
+    """The msgpack bytes of a record; raises SkipRecord for fields of the wrong type."""
     fields = {"v": SCHEMA_VERSION, "id": record.id, "img": record.image, "cap": list(record.captions)}
     if record.boxes is not None:
         boxes = np.asarray(record.boxes, dtype="<f4")
         if boxes.ndim != 2 or boxes.shape[1] != 4:
-            raise RecordError("bad_field", f"boxes must be [k, 4], got shape {boxes.shape} (record id {record.id!r})")
+            raise SkipRecord("bad_field", f"boxes must be [k, 4], got shape {boxes.shape} (record id {record.id!r})")
         fields["box"] = boxes.tobytes()
     optional = {"tag": record.tags, "split": record.split, "lab": record.labels}
     fields.update({key: value for key, value in optional.items() if value is not None})
@@ -124,13 +125,13 @@ def encode_record(record: ImageTextRecord) -> bytes:
 
 
 def decode_record(data: bytes) -> ImageTextRecord:
-    """Parses record bytes; raises RecordError with a reason code when they are not a valid record."""
+    """Parses record bytes; raises SkipRecord with a reason code when they are not a valid record."""
     try:
         fields = msgpack.unpackb(data, raw=False)
     except UnicodeDecodeError as error:
-        raise RecordError("bad_utf8", f"a string is not valid UTF-8: {error}") from error
+        raise SkipRecord("bad_utf8", f"a string is not valid UTF-8: {error}") from error
     except (ValueError, TypeError, msgpack.UnpackException) as error:
-        raise RecordError("bad_encoding", f"not a msgpack record: {error}") from error
+        raise SkipRecord("bad_encoding", f"not a msgpack record: {error}") from error
     _check_fields(fields)
     boxes = np.frombuffer(fields["box"], dtype="<f4").reshape(-1, 4).astype(np.float32) if "box" in fields else None
     return ImageTextRecord(
@@ -340,7 +341,9 @@ def read_manifest(data_dir: epath.PathLike) -> dict:
     """Loads ``<data_dir>/manifest.json``; raises ManifestError naming the path when missing or malformed."""
     path = epath.Path(data_dir) / MANIFEST_NAME
     if not path.exists():
-        raise ManifestError(f"{path} does not exist: is {data_dir} a dataset made by `python -m vlp_jax.data.convert`?")
+        raise ManifestError(
+            f"{path} does not exist: is {data_dir} a dataset made by `python -m vlp_jax.datasets.convert`?"
+        )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
         version = manifest["schema_version"]

@@ -2,7 +2,7 @@
 
 A source spec is a string, as in ``config.data.train_sources``: comma-separated entries, each one of
 
-    DIR[:SPLIT]        a dataset directory written by `python -m vlp_jax.data.convert` (its manifest.json lists
+    DIR[:SPLIT]        a dataset directory written by `python -m vlp_jax.datasets.convert` (its manifest.json lists
                        the split's shards); SPLIT defaults to the split being read (train / eval)
     GLOB               ArrayRecord files, e.g. /data/cc3m/train-*.array_record or gs://bucket/laion/*.array_record
     tfds:NAME[:SPLIT]  a tfds dataset prepared in the ArrayRecord format (needs the `[tfds]` extra, not TensorFlow)
@@ -32,30 +32,13 @@ from etils import epath
 from grain import sources as grain_sources
 
 from vlp_jax.data import records
-from vlp_jax.data.records import ImageTextRecord, RecordError
+from vlp_jax.data.records import Located
+from vlp_jax.data.skips import Skipped, SkipRecord
 
 SYNTHETIC = "synthetic"
 TFDS_PREFIX = "tfds:"
 READ_REASONS = ("corrupt_shard",)  # why a record's bytes could not be read at all
 _WEIGHT = re.compile(r"^(?P<spec>.+)@(?P<weight>[0-9.eE+-]+)$")
-
-
-@dataclasses.dataclass(frozen=True)
-class Skipped:
-    """A record the pipeline drops: why (a reason name), where (shard and position), which (id, if known)."""
-
-    reason: str
-    where: str
-    record_id: str | None
-    message: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Located:
-    """A decoded record and where it was read, for the log line if a later stage rejects it."""
-
-    record: ImageTextRecord
-    where: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,11 +105,11 @@ class ShardSource:
         try:
             data = self._source[index]
         except RuntimeError as error:  # a chunk whose checksum or framing fails
-            return Skipped("corrupt_shard", where, None, str(error))
+            return SkipRecord("corrupt_shard", str(error)).at(where)
         try:
             return Located(records.decode_record(data), where)
-        except RecordError as error:
-            return Skipped(error.reason, where, _readable_id(data), error.message)
+        except SkipRecord as error:
+            return error.at(where, _readable_id(data))
 
     def __repr__(self) -> str:
         return f"ShardSource({self.name!r}, {len(self.paths)} shards, {len(self)} records)"

@@ -16,8 +16,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vlp_jax.data.records import ImageTextRecord
-from vlp_jax.data.sources import Located, Skipped
+from vlp_jax.data.records import ImageTextRecord, Located
+from vlp_jax.data.skips import Skipped
 
 try:
     import tensorflow_datasets as tfds

@@ -1,4 +1,4 @@
-"""Image decoding and the train/eval image transforms: stored bytes -> uint8 [size, size, 3], or ImageError.
+"""Image decoding and the train/eval image transforms: stored bytes -> uint8 [size, size, 3], or SkipRecord.
 
 The crop box is chosen from the header alone, then the pixels are decoded. RGB and greyscale JPEGs (nearly all
 photographs) are decoded by libjpeg-turbo through simplejpeg, scaled down in the DCT by the largest power of two
@@ -33,7 +33,9 @@ import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
-# Why decode_image rejects bytes; the pipeline counts skipped records under these names.
+from vlp_jax.data.skips import SkipRecord
+
+# Why decode_image rejects bytes (SkipRecord reasons); the pipeline counts skipped records under these names.
 IMAGE_REASONS = ("empty_image", "not_an_image", "too_many_pixels", "truncated_image")
 RESAMPLING = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
               "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
@@ -47,15 +49,6 @@ _MODES_WITH_ALPHA = ("RGBA", "LA", "La", "RGBa", "PA")
 _JPEG_START = b"\xff\xd8"  # SOI marker
 _TURBO_COLOURSPACES = ("YCbCr", "Gray", "RGB")  # JPEGs libjpeg-turbo turns into RGB itself (not CMYK/YCCK)
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) in pixels
-
-
-class ImageError(ValueError):
-    """Image bytes that cannot become a training image; ``reason`` is one of IMAGE_REASONS."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,36 +91,36 @@ class ImageOptions:
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Reads only the header of ``data``; raises ImageError for empty, unknown or oversized images."""
+    """Reads only the header of ``data``; raises SkipRecord for empty, unknown or oversized images."""
     if not data:
-        raise ImageError("empty_image", "zero image bytes")
+        raise SkipRecord("empty_image", "zero image bytes")
     try:
         with warnings.catch_warnings():  # the size is checked below against our own cap
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as error:
-        raise ImageError("too_many_pixels", str(error)) from error
+        raise SkipRecord("too_many_pixels", str(error)) from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ImageError("not_an_image", f"{len(data)} bytes that PIL cannot identify: {error}") from error
+        raise SkipRecord("not_an_image", f"{len(data)} bytes that PIL cannot identify: {error}") from error
     _check_pixels(*image.size, max_pixels)
     return image
 
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
-        raise ImageError(
+        raise SkipRecord(
             "too_many_pixels",
             f"{width}x{height} = {width * height:,} pixels exceeds config.data.image.max_pixels={max_pixels:,}",
         )
 
 
 def load_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """Decodes the pixels and converts any mode to 8-bit RGB; raises ImageError if the data is truncated or bad."""
+    """Decodes the pixels and converts any mode to 8-bit RGB; raises SkipRecord if the data is truncated or bad."""
     try:
         image.load()
         return _to_rgb(image, background)
     except (OSError, SyntaxError, ValueError, EOFError) as error:  # PIL's ways of saying the stream is broken
-        raise ImageError("truncated_image", f"{image.format} {image.size[0]}x{image.size[1]}: {error}") from error
+        raise SkipRecord("truncated_image", f"{image.format} {image.size[0]}x{image.size[1]}: {error}") from error
 
 
 def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -149,7 +142,7 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image
 
 
 def decode_image(data: bytes, max_pixels: int, background: tuple[int, int, int]) -> Image.Image:
-    """Stored image bytes -> RGB PIL image; raises ImageError with a reason when they are not a usable image."""
+    """Stored image bytes -> RGB PIL image; raises SkipRecord with a reason when they are not a usable image."""
     return load_rgb(open_image(data, max_pixels), background)
 
 
@@ -193,8 +186,7 @@ def crop_resize(image: Image.Image | np.ndarray, box: Box, options: ImageOptions
     """
     size = options.size
     height, width = image.shape[:2] if isinstance(image, np.ndarray) else image.size[::-1]
-    x0, y0 = min(round(box[0]), width - 1), min(round(box[1]), height - 1)
-    x1, y1 = max(round(box[2]), x0 + 1), max(round(box[3]), y0 + 1)
+    x0, y0, x1, y1 = pixel_box(box, width, height)
     if options.resizer == "opencv":
         pixels = image if isinstance(image, np.ndarray) else np.asarray(image)
         return opencv_resize(pixels[y0:y1, x0:x1], size, _OPENCV_INTERPOLATION[options.resample])
@@ -205,6 +197,12 @@ def crop_resize(image: Image.Image | np.ndarray, box: Box, options: ImageOptions
     if image.size != (size, size):
         image = image.resize((size, size), options.resample)
     return np.asarray(image)
+
+
+def pixel_box(box: Box, width: int, height: int) -> tuple[int, int, int, int]:
+    """The whole pixels crop_resize takes for ``box`` in a width x height image: rounded, at least one pixel."""
+    x0, y0 = min(round(box[0]), width - 1), min(round(box[1]), height - 1)
+    return x0, y0, max(round(box[2]), x0 + 1), max(round(box[3]), y0 + 1)
 
 
 def opencv_resize(pixels: np.ndarray, size: int, interpolation: int) -> np.ndarray:
@@ -247,40 +245,35 @@ def turbo_decode_for_box(data: bytes, width: int, height: int, box: Box, options
             fastdct=options.fast_jpeg, fastupsample=options.fast_jpeg,
         )
     except ValueError as error:  # libjpeg-turbo's errors and, strict, its warnings (premature end of data)
-        raise ImageError("truncated_image", f"JPEG {width}x{height}: {error}") from error
+        raise SkipRecord("truncated_image", f"JPEG {width}x{height}: {error}") from error
     scale_x, scale_y = pixels.shape[1] / width, pixels.shape[0] / height
     return pixels, (x0 * scale_x, y0 * scale_y, x1 * scale_x, y1 * scale_y)
 
 
-def _decode_crop(data: bytes, options: ImageOptions, choose_box) -> np.ndarray:
-    """Stored bytes -> the box ``choose_box(width, height)`` picks, resized; raises ImageError."""
+def _decode_crop(data: bytes, options: ImageOptions, choose_box) -> tuple[np.ndarray, Box]:
+    """Stored bytes -> (the box ``choose_box(width, height)`` picks, resized; the whole pixels it took, in the
+    stored image's coordinates); raises SkipRecord."""
     if not data:
-        raise ImageError("empty_image", "zero image bytes")
+        raise SkipRecord("empty_image", "zero image bytes")
     size = turbo_jpeg_size(data)
     if size is not None:
-        _check_pixels(*size, options.max_pixels)
-        return crop_resize(*turbo_decode_for_box(data, *size, choose_box(*size), options), options)
+        width, height = size
+        _check_pixels(width, height, options.max_pixels)
+        pixels, box = turbo_decode_for_box(data, width, height, choose_box(width, height), options)
+        scale_x, scale_y = pixels.shape[1] / width, pixels.shape[0] / height
+        x0, y0, x1, y1 = pixel_box(box, pixels.shape[1], pixels.shape[0])
+        return crop_resize(pixels, box, options), (x0 / scale_x, y0 / scale_y, x1 / scale_x, y1 / scale_y)
     image = open_image(data, options.max_pixels)
     box = choose_box(*image.size)
-    return crop_resize(load_rgb(image, options.background), box, options)
+    return crop_resize(load_rgb(image, options.background), box, options), pixel_box(box, *image.size)
 
 
-def train_image(data: bytes, options: ImageOptions, rng: np.random.Generator) -> np.ndarray:
-    """Stored bytes -> a random resized crop, uint8 [size, size, 3]; raises ImageError."""
-    return train_image_and_crop(data, options, rng)[0]
-
-
-def train_image_and_crop(data: bytes, options: ImageOptions, rng: np.random.Generator) -> tuple[np.ndarray, Box]:
-    """`train_image` and the crop it took, (x0, y0, x1, y1) in the stored image's pixels (for boxes)."""
-    chosen = []
-
-    def choose(width: int, height: int) -> Box:
-        chosen.append(random_crop_box(width, height, options, rng))
-        return chosen[-1]
-
-    return _decode_crop(data, options, choose), chosen[-1]
+def train_image(data: bytes, options: ImageOptions, rng: np.random.Generator) -> tuple[np.ndarray, Box]:
+    """Stored bytes -> (a random resized crop, uint8 [size, size, 3]; the crop, (x0, y0, x1, y1) in the stored
+    image's pixels, exactly the pixels taken, for moving boxes into it); raises SkipRecord."""
+    return _decode_crop(data, options, lambda width, height: random_crop_box(width, height, options, rng))
 
 
 def eval_image(data: bytes, options: ImageOptions) -> np.ndarray:
-    """Stored bytes -> the centre square resized, uint8 [size, size, 3]; raises ImageError."""
-    return _decode_crop(data, options, centre_square_box)
+    """Stored bytes -> the centre square resized, uint8 [size, size, 3]; raises SkipRecord."""
+    return _decode_crop(data, options, centre_square_box)[0]

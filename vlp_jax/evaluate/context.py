@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from vlp_jax.data.pipeline import PairDataset
+from vlp_jax.data.dataset import PairDataset
 from vlp_jax.data.tokenizer import Tokenizer
 from vlp_jax.evaluate.embeddings import Encoders
 from vlp_jax.evaluate.retrieval import Scorer, scorer_from_config

@@ -25,8 +25,9 @@ from absl import logging
 from etils import epath
 
 from vlp_jax.data import sources, transforms
-from vlp_jax.data.pipeline import LoaderOptions, SkipLog, ordered_stream
-from vlp_jax.data.sources import Located, Skipped
+from vlp_jax.data.loader import LoaderOptions, ordered_stream
+from vlp_jax.data.records import Located
+from vlp_jax.data.skips import SkipLog, Skipped, SkipRecord
 from vlp_jax.evaluate.zeroshot import ZeroShotTask
 
 # CLIP's prompt ensemble for ImageNet, the seven templates its authors selected, and the plain photo prompt.
@@ -64,7 +65,7 @@ class _LabelledImage:
         record = item.record
         try:
             image = transforms.eval_image(record.image, self.image)
-        except transforms.ImageError as error:
+        except SkipRecord as error:
             return Skipped(error.reason, item.where, record.id, error.message)
         labels = record.labels or {}
         return {"image": image, "label": labels.get(self.label_field, _NO_LABEL), "keys": tuple(labels)}

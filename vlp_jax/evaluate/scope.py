@@ -15,7 +15,7 @@ from etils import epath
 
 from vlp_jax import parallel
 from vlp_jax.data import sources
-from vlp_jax.data.pipeline import PairDataset
+from vlp_jax.data.dataset import PairDataset
 
 WORLD_SET = "embedded"  # the name of the embedded world's eval set
 SMOKE_EVAL_MIN = 64  # images a capped full evaluation reads at the least (config.eval.max_examples=-1)

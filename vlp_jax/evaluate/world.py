@@ -9,7 +9,7 @@ import numpy as np
 from absl import logging
 
 from vlp_jax.data import sources, synthetic
-from vlp_jax.data.pipeline import PairDataset
+from vlp_jax.data.dataset import PairDataset
 from vlp_jax.evaluate.zeroshot import ZeroShotTask
 
 

@@ -1,0 +1,1 @@
+"""Command-line tools that write datasets as ArrayRecord shards: convert.py (data on disk), emoji.py (emoji art)."""

@@ -1,0 +1,709 @@
+"""Converts the image-text data users have on disk into ArrayRecord shards: `python -m vlp_jax.datasets.convert`.
+
+    python -m vlp_jax.datasets.convert SRC --format=FORMAT --out=DIR [--records_per_shard=N] [--max_side=N]
+        [--workers=N] [--split=NAME] [--image_root=DIR] [--label_field=COLUMN[,COLUMN]] [--resume]
+
+Formats:
+  folder      a captions file (JSONL, CSV or TSV; SRC is the file, or a folder holding exactly one) with keys or
+              columns `image` (path relative to the file's folder, or to --image_root) and `caption` (several rows
+              of one image are merged) or `captions` (a list; in CSV/TSV a JSON list); an optional `split`
+              column, else --split. Each --label_field column (e.g. a class name, for zero-shot tasks:
+              vlp_jax/evaluate/labelled.py) goes into the record's labels under its column name; a row without it
+              gives no label. The id is the image's relative path.
+  coco        COCO captions JSON (`images` + `annotations`); images under --image_root (default: the JSON's
+              folder); all in --split. The id is the image's file_name.
+  karpathy    Karpathy-split JSON (dataset_coco.json, dataset_flickr30k.json): images under
+              --image_root/<filepath>/<filename>; splits kept, 'restval' merged into 'train' as is customary
+              for the retrieval benchmarks. The id is the filename.
+  webdataset  WebDataset / img2dataset tar shards: SRC is a tar, a folder of *.tar, or a glob in the file name
+              (e.g. gs://bucket/cc3m/*.tar). Consecutive members sharing a key form a sample; the image is its
+              jpg/jpeg/png/webp member, the caption its txt member or the "caption" of its json member.
+              All in --split. The id is the key.
+
+Every image must decode fully with PIL (verify() misses truncated JPEGs); it is stored as given unless it is
+larger than --max_side or not JPEG/PNG/WebP, in which case it is re-encoded (orientation applied). Items that fail
+are skipped and counted by reason (SKIP_REASONS); the closing report shows the first few of each.
+
+Work is cut into units: up to records_per_shard consecutive items, or one tar file. A unit writes its shards and
+then a completion marker into <out>/.convert/, so --resume skips finished units. When all are done, shards are
+renamed to <split>-NNNNN-of-MMMMM.array_record in unit order, records whose id was already seen are dropped as
+duplicates, and manifest.json and convert_report.json are written. The output depends only on the input and
+the options, not on --workers or on interruptions.
+"""
+
+import argparse
+import collections
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import posixpath
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+
+from etils import epath
+from PIL import Image, ImageOps
+
+from vlp_jax.data.records import (
+    MANIFEST_NAME,
+    ImageTextRecord,
+    ShardInfo,
+    ShardWriter,
+    read_manifest,
+    read_shard,
+    shard_name,
+    write_manifest,
+    write_records,
+    write_shard,
+)
+from vlp_jax.data.skips import SkipLog, SkipRecord
+
+__all__ = ["FORMATS", "SKIP_REASONS", "ConvertError", "Options", "Report", "convert", "main", "write_records"]
+
+FORMATS = ("folder", "coco", "karpathy", "webdataset")
+SKIP_REASONS = {
+    "missing_image": "image file not found, or no image member in the sample",
+    "bad_image": "image bytes that PIL cannot decode (truncated, empty, not an image)",
+    "missing_caption": "no caption field",
+    "empty_caption": "every caption is empty",
+    "bad_utf8": "a caption or id that is not valid UTF-8",
+    "duplicate_id": "an id converted earlier",
+    "bad_row": "a malformed annotation row or field",
+    "bad_tar": "a tar file unreadable from this point on",
+}
+STORED_FORMATS = ("JPEG", "PNG", "WEBP")
+KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+CAPTION_FILE_SUFFIXES = (".jsonl", ".csv", ".tsv")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+STAGING_DIR = ".convert"
+REPORT_NAME = "convert_report.json"
+EXAMPLES_PER_REASON = 5
+
+
+class ConvertError(ValueError):
+    """Unusable input or options; the message names the path or flag and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    records_per_shard: int = 2000  # ~100 MB shards at ~50 KB per image
+    max_side: int | None = None  # re-encode images whose longer side exceeds this
+    quality: int = 95  # JPEG/WebP quality when re-encoding
+    workers: int = 0  # threads converting units in parallel; 0 or 1 = inline
+    split: str = "train"  # split name for formats that carry none
+    image_root: str | None = None
+    label_fields: tuple[str, ...] = ()  # folder format: columns copied into each record's labels
+    progress_seconds: float = 10.0  # at most one progress line per this many seconds
+
+    def fingerprint_fields(self) -> dict:
+        """The options that change the output (not how fast it is made)."""
+        fields = {"records_per_shard": self.records_per_shard, "max_side": self.max_side, "quality": self.quality}
+        return fields | ({"label_fields": list(self.label_fields)} if self.label_fields else {})
+
+
+def _skip_log() -> SkipLog:
+    """Skips of a conversion: counted, the first EXAMPLES_PER_REASON of each reason kept for the report."""
+    return SkipLog(EXAMPLES_PER_REASON, log=False)
+
+
+@dataclasses.dataclass
+class Report:
+    """Counts of converted and skipped items, with the first few sources of each skip reason."""
+
+    converted: int = 0
+    skips: SkipLog = dataclasses.field(default_factory=_skip_log)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return self.skips.counts
+
+    @property
+    def examples(self) -> dict[str, list[str]]:
+        return self.skips.examples
+
+    def merge(self, other: "Report") -> None:
+        self.converted += other.converted
+        self.skips.merge(other.skips)
+
+    def to_json(self) -> dict:
+        return {"converted": self.converted, **self.skips.to_json()}
+
+    @classmethod
+    def from_json(cls, saved: dict) -> "Report":
+        return cls(saved["converted"], SkipLog.from_json(saved, EXAMPLES_PER_REASON))
+
+    def summary(self) -> str:
+        lines = [f"converted {self.converted} records; skipped {sum(self.skipped.values())}"]
+        return "\n".join(lines + self.skips.summary(SKIP_REASONS))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Item:
+    """One image listed by an annotation file; ``reject`` is a skip reason found while listing."""
+
+    source: str
+    id: str = ""
+    image: str = ""
+    captions: tuple[str, ...] = ()
+    split: str = ""
+    labels: tuple[tuple[str, str | int], ...] = ()  # (label field, value) pairs for the record's labels
+    reject: str | None = None
+    detail: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unit:
+    """A piece of work with its own staged shards: a run of items, or one tar file (``source``)."""
+
+    index: int
+    split: str
+    source: str
+    items: tuple[_Item, ...] = ()
+    is_tar: bool = False
+
+
+# ---------------------------------------------------------------- captions
+
+
+def _require_utf8(text: str, what: str) -> None:
+    """Raises SkipRecord('bad_utf8') for text holding lone surrogates: bytes that were not UTF-8 (surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SkipRecord("bad_utf8", f"{what} {text[:40]!r}") from None
+
+
+def _clean_captions(raw: list) -> list[str]:
+    """Stripped non-empty captions; raises SkipRecord when none is usable."""
+    if not raw:
+        raise SkipRecord("missing_caption")
+    if not all(isinstance(caption, str) for caption in raw):
+        raise SkipRecord("bad_row", "a caption is not a string")
+    for caption in raw:
+        _require_utf8(caption, "caption")
+    captions = [caption.strip() for caption in raw if caption.strip()]
+    if not captions:
+        raise SkipRecord("empty_caption")
+    return captions
+
+
+def _decode_text(data: bytes) -> str:
+    """UTF-8 text whose invalid bytes survive as lone surrogates, for _clean_captions to reject per item."""
+    return data.decode("utf-8", errors="surrogateescape")
+
+
+def _read_json(path: epath.Path):
+    try:
+        return json.loads(_decode_text(path.read_bytes()))
+    except json.JSONDecodeError as error:
+        raise ConvertError(f"{path} is not valid JSON ({error}); check the file or --format") from error
+
+
+def _listed_item(
+    source: str, item_id: str, image: epath.Path, raw_captions: list, split: str, labels: tuple = ()
+) -> _Item:
+    try:
+        captions = tuple(_clean_captions(raw_captions))
+    except SkipRecord as skip:
+        return _Item(source, item_id, os.fspath(image), split=split, reject=skip.reason, detail=skip.message)
+    return _Item(source, item_id, os.fspath(image), captions, split, labels)
+
+
+# ---------------------------------------------------------------- listing each format
+
+
+def _captions_file(src: epath.Path) -> epath.Path:
+    if not src.is_dir():
+        return src
+    found = sorted(p for p in src.iterdir() if p.suffix.lower() in CAPTION_FILE_SUFFIXES)
+    if len(found) != 1:
+        names = ", ".join(p.name for p in found) or "none"
+        raise ConvertError(f"{src} must hold exactly one captions file (.jsonl/.csv/.tsv), found: {names}; "
+                           "pass the file itself as SRC")
+    return found[0]
+
+
+def _read_rows(path: epath.Path) -> Iterator[tuple[int, dict | None]]:
+    """(line number, row dict or None when unparseable) for each row of a JSONL, CSV or TSV file."""
+    text = _decode_text(path.read_bytes())
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        for number, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = None
+                yield number, row if isinstance(row, dict) else None
+    elif suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        for row in reader:
+            yield reader.line_num, row
+    else:
+        raise ConvertError(f"{path}: captions file must end in .jsonl, .csv or .tsv")
+
+
+def _row_captions(row: dict) -> list:
+    """The captions a row contributes; a CSV/TSV `captions` cell holds a JSON list."""
+    if "captions" in row:
+        value = row["captions"]
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise SkipRecord("bad_row", "`captions` is not a JSON list") from None
+        if not isinstance(value, list):
+            raise SkipRecord("bad_row", "`captions` is not a list")
+        return value
+    return [row["caption"]] if row.get("caption") is not None else []
+
+
+def _list_folder(src: epath.Path, options: Options) -> list[_Item]:
+    path = _captions_file(src)
+    root = epath.Path(options.image_root) if options.image_root else path.parent
+    entries: dict[str, dict] = {}  # image id (or a row marker) -> what its rows say, in first-seen order
+    for number, row in _read_rows(path):
+        source = f"{path}:{number}"
+        image = row.get("image") if row else None
+        if not isinstance(image, str) or not image.strip():
+            entries[f"\0{number}"] = {"source": source, "reject": ("bad_row", "no `image` field")}
+            continue
+        item_id = posixpath.normpath(image.strip())
+        entry = entries.setdefault(item_id, {"source": source, "captions": [], "split": row.get("split"),
+                                             "labels": {}})
+        try:
+            entry["captions"].extend(_row_captions(row))
+            for field in options.label_fields:  # an image's first row that holds the column gives its value
+                if entry["labels"].get(field) is None:
+                    entry["labels"][field] = _row_label(row, field)
+        except SkipRecord as skip:
+            entry["reject"] = (skip.reason, skip.message)
+    items = []
+    for item_id, entry in entries.items():
+        split = entry.get("split") or options.split
+        if "reject" in entry:
+            items.append(_Item(entry["source"], split=split, reject=entry["reject"][0], detail=entry["reject"][1]))
+        else:
+            labels = tuple((field, value) for field, value in entry["labels"].items() if value is not None)
+            items.append(_listed_item(entry["source"], item_id, root / item_id, entry["captions"], split, labels))
+    return items
+
+
+def _row_label(row: dict, field: str) -> str | int | None:
+    """A row's value of a label column: a string (a CSV/TSV cell, stripped) or a JSON string or integer; None when
+    the row has none."""
+    value = row.get(field)
+    if isinstance(value, str):
+        return value.strip() or None
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise SkipRecord("bad_row", f"label `{field}` is {type(value).__name__}, not a string or an integer")
+
+
+def _list_coco(src: epath.Path, options: Options) -> list[_Item]:
+    data = _read_json(src)
+    images = data.get("images") if isinstance(data, dict) else None
+    annotations = data.get("annotations") if isinstance(data, dict) else None
+    if not isinstance(images, list) or not isinstance(annotations, list):
+        raise ConvertError(f"{src} is not a COCO captions file (needs `images` and `annotations` lists); "
+                           "for a Karpathy-split file use --format=karpathy")
+    root = epath.Path(options.image_root) if options.image_root else src.parent
+    captions = collections.defaultdict(list)
+    for annotation in annotations:
+        if isinstance(annotation, dict):
+            captions[annotation.get("image_id")].append(annotation.get("caption"))
+    items = []
+    for index, image in enumerate(images):
+        file_name = image.get("file_name") if isinstance(image, dict) else None
+        source = f"{src}:images[{index}]"
+        if not isinstance(file_name, str):
+            items.append(_Item(source, split=options.split, reject="bad_row", detail="no file_name"))
+            continue
+        items.append(_listed_item(source, file_name, root / file_name, captions.get(image.get("id"), []),
+                                  options.split))
+    return items
+
+
+def _list_karpathy(src: epath.Path, options: Options) -> list[_Item]:
+    data = _read_json(src)
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        raise ConvertError(f"{src} is not a Karpathy-split file (needs an `images` list); "
+                           "for COCO captions JSON use --format=coco")
+    root = epath.Path(options.image_root) if options.image_root else src.parent
+    items = []
+    for index, image in enumerate(images):
+        source = f"{src}:images[{index}]"
+        fields = image if isinstance(image, dict) else {}
+        filename, split = fields.get("filename"), KARPATHY_SPLITS.get(fields.get("split"))
+        if not isinstance(filename, str) or split is None:
+            detail = f"needs filename and split in {sorted(KARPATHY_SPLITS)}"
+            items.append(_Item(source, split=options.split, reject="bad_row", detail=detail))
+            continue
+        sentences = fields.get("sentences") or []
+        raw = [s.get("raw") if isinstance(s, dict) else None for s in sentences]
+        items.append(_listed_item(source, filename, root / (fields.get("filepath") or "") / filename, raw, split))
+    return items
+
+
+def _list_tars(src: str) -> list[epath.Path]:
+    """The tar files named by SRC: a file, a folder of *.tar, or a glob in the last path component."""
+    if any(char in src for char in "*?["):
+        pattern = epath.Path(src)
+        if not pattern.parent.exists():
+            raise ConvertError(f"SRC {src}: folder {pattern.parent} does not exist; check the path")
+        return sorted(pattern.parent.glob(pattern.name))
+    path = epath.Path(src)
+    return sorted(path.glob("*.tar")) if path.is_dir() else [path]
+
+
+def _plan(src: str, fmt: str, options: Options) -> list[_Unit]:
+    """Lists the input and cuts it into units."""
+    if fmt not in FORMATS:
+        raise ConvertError(f"--format={fmt} is unknown; use one of: {', '.join(FORMATS)}")
+    if options.records_per_shard < 1:
+        raise ConvertError(f"--records_per_shard={options.records_per_shard} must be at least 1")
+    if options.image_root and not epath.Path(options.image_root).exists():
+        raise ConvertError(f"--image_root={options.image_root} does not exist; pass the folder holding the images")
+    if fmt == "webdataset":
+        tars = _list_tars(src)
+        if not tars or not tars[0].exists():
+            raise ConvertError(f"SRC {src} names no tar files; pass a .tar, a folder of them, or a glob like dir/*.tar")
+        return [_Unit(index, options.split, os.fspath(tar), is_tar=True) for index, tar in enumerate(tars)]
+    path = epath.Path(src)
+    if not path.exists():
+        raise ConvertError(f"SRC {src} does not exist; pass the captions file or JSON to convert")
+    items = {"folder": _list_folder, "coco": _list_coco, "karpathy": _list_karpathy}[fmt](path, options)
+    by_split = collections.defaultdict(list)
+    for item in items:
+        by_split[item.split].append(item)
+    units = []
+    for split, split_items in by_split.items():
+        for start in range(0, len(split_items), options.records_per_shard):
+            chunk = tuple(split_items[start : start + options.records_per_shard])
+            units.append(_Unit(len(units), split, f"{src} [{split} {start}:{start + len(chunk)}]", chunk))
+    if not units:
+        raise ConvertError(f"SRC {src} lists no images; check that it is a {fmt} file")
+    return units
+
+
+# ---------------------------------------------------------------- images
+
+
+def _reencode(image: Image.Image, image_format: str, options: Options) -> bytes:
+    """The image upright, with its longer side at most max_side, in its own format if storable else PNG."""
+    image = ImageOps.exif_transpose(image)  # the re-encoded file keeps no EXIF orientation
+    if image.mode in ("1", "P", "PA"):
+        image = image.convert("RGBA" if image.has_transparency_data else "RGB")
+    if options.max_side and max(image.size) > options.max_side:
+        scale = options.max_side / max(image.size)
+        size = tuple(max(1, round(side * scale)) for side in image.size)
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    image_format = image_format if image_format in STORED_FORMATS else "PNG"
+    if image_format == "JPEG" and image.mode not in ("L", "RGB", "CMYK"):
+        image = image.convert("RGB")
+    out = io.BytesIO()
+    image.save(out, format=image_format, quality=options.quality)
+    return out.getvalue()
+
+
+def _prepare_image(data: bytes, options: Options) -> bytes:
+    """The image bytes to store; raises SkipRecord('bad_image') unless they decode fully."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # verify() passes truncated JPEGs; a full decode does not
+            fits = not options.max_side or max(image.size) <= options.max_side
+            if image.format in STORED_FORMATS and fits:
+                return data
+            return _reencode(image, image.format, options)
+    except Exception as error:  # PIL raises many types (OSError, SyntaxError, struct.error, bombs) for bad bytes
+        raise SkipRecord("bad_image", f"{type(error).__name__}: {error}") from None
+
+
+# ---------------------------------------------------------------- samples of a unit
+
+# A sample: (source for the report, a function returning (id, image bytes, captions, labels or None) or raising
+# SkipRecord).
+_Sample = tuple[str, Callable[[], tuple[str, bytes, list[str], dict | None]]]
+
+
+def _item_samples(unit: _Unit) -> Iterator[_Sample]:
+    for item in unit.items:
+
+        def build(item=item):
+            if item.reject:
+                raise SkipRecord(item.reject, item.detail)
+            try:
+                data = epath.Path(item.image).read_bytes()
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                raise SkipRecord("missing_image", item.image) from None
+            return item.id, data, list(item.captions), dict(item.labels) or None
+
+        yield item.source, build
+
+
+def _tar_members(path: epath.Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample: consecutive members sharing a key, as WebDataset defines it."""
+    with path.open("rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        key, members = None, {}
+        for member in tar:
+            directory, base = posixpath.split(posixpath.normpath(member.name))
+            if not member.isfile() or base.startswith(".") or "." not in base:
+                continue
+            stem, extension = base.split(".", 1)
+            member_key = posixpath.join(directory, stem)
+            if member_key != key:
+                if members:
+                    yield key, members
+                key, members = member_key, {}
+            members[extension.lower()] = tar.extractfile(member).read()
+        if members:
+            yield key, members
+
+
+def _sample_captions(members: dict[str, bytes]) -> list:
+    if "txt" in members:
+        return [_decode_text(members["txt"])]
+    if "json" in members:
+        try:
+            fields = json.loads(_decode_text(members["json"]))
+        except json.JSONDecodeError:
+            raise SkipRecord("bad_row", "json member is not valid JSON") from None
+        if not isinstance(fields, dict):
+            raise SkipRecord("bad_row", "json member is not an object")
+        captions = fields.get("captions", [fields["caption"]] if "caption" in fields else [])
+        return captions if isinstance(captions, list) else [captions]
+    return []
+
+
+def _tar_samples(unit: _Unit, report: Report) -> Iterator[_Sample]:
+    try:
+        for key, members in _tar_members(epath.Path(unit.source)):
+
+            def build(key=key, members=members):
+                captions = _clean_captions(_sample_captions(members))
+                extension = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+                if extension is None:
+                    raise SkipRecord("missing_image", f"members: {', '.join(sorted(members))}")
+                return key, members[extension], captions, None
+
+            yield f"{unit.source}:{key}", build
+    except (tarfile.TarError, EOFError, OSError) as error:
+        report.skips.add(SkipRecord("bad_tar", f"{type(error).__name__}: {error}").at(unit.source))
+
+
+# ---------------------------------------------------------------- units
+
+
+def _marker_path(staging: epath.Path, index: int) -> epath.Path:
+    return staging / f"unit-{index:05d}.json"
+
+
+def _convert_unit(unit: _Unit, staging: epath.Path, options: Options) -> dict:
+    """Writes one unit's staged shards, then its completion marker; returns the marker."""
+    report, written = Report(), []  # written: [id, source] of each record, in shard order
+    samples = _tar_samples(unit, report) if unit.is_tar else _item_samples(unit)
+    with ShardWriter(staging, unit.split, options.records_per_shard, prefix=f"{unit.split}-u{unit.index:05d}") as w:
+        for source, build in samples:
+            try:
+                record_id, data, captions, labels = build()
+                _require_utf8(record_id, "id")
+                record = ImageTextRecord(record_id, _prepare_image(data, options), captions, split=unit.split,
+                                         labels=labels)
+            except SkipRecord as skip:
+                report.skips.add(skip.at(source))
+                continue
+            w.write(record)
+            written.append([record_id, source])
+    report.converted = len(written)
+    shards, start = [], 0
+    for info in w.shards:
+        shards.append({"info": dataclasses.asdict(info), "ids": written[start : start + info.num_records]})
+        start += info.num_records
+    marker = {"unit": unit.index, "split": unit.split, "shards": shards, "report": report.to_json()}
+    staged = staging / f"unit-{unit.index:05d}.json.partial"
+    staged.write_text(json.dumps(marker), encoding="utf-8")
+    staged.replace(_marker_path(staging, unit.index))
+    return marker
+
+
+def _run_units(units: list[_Unit], staging: epath.Path, options: Options) -> Iterator[dict]:
+    """Markers of the given units in order, converted inline or by a thread pool."""
+    if options.workers <= 1:
+        for unit in units:
+            yield _convert_unit(unit, staging, options)
+        return
+    pool = futures.ThreadPoolExecutor(options.workers)
+    try:
+        yield from pool.map(lambda unit: _convert_unit(unit, staging, options), units)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Progress:
+    """A progress line on stderr at most every ``seconds``, and after the last unit."""
+
+    def __init__(self, total_units: int, done_units: int, seconds: float):
+        self.total, self.done, self.seconds = total_units, done_units, seconds
+        self.records = self.skipped = 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, marker: dict) -> None:
+        self.done += 1
+        self.records += marker["report"]["converted"]
+        self.skipped += sum(marker["report"]["skipped"].values())
+        now = time.monotonic()
+        if now - self.last >= self.seconds or self.done == self.total:
+            rate = self.records / max(now - self.start, 1e-9)
+            print(f"convert: {self.done}/{self.total} units, {self.records} records, {self.skipped} skipped, "
+                  f"{rate:.0f} records/s", file=sys.stderr, flush=True)
+            self.last = now
+
+
+def _place(staged: epath.Path, final: epath.Path, keep: list[bool], info: ShardInfo) -> ShardInfo:
+    """Moves a staged shard to its final name, dropping the records ``keep`` marks False (a rewrite)."""
+    if not all(keep):
+        records = (data for data, kept in zip(read_shard(staged), keep, strict=True) if kept)
+        return write_shard(final, records)
+    if staged.exists():
+        staged.replace(final)
+    elif not final.exists():
+        raise ConvertError(f"{staged} and {final} are both missing; rerun without --resume into an empty --out")
+    return dataclasses.replace(info, file=final.name)
+
+
+def _finalize(
+    out: epath.Path, staging: epath.Path, units: list[_Unit], markers: dict[int, dict]
+) -> tuple[dict, Report]:
+    """Drops duplicate ids, names the shards of each split in unit order and writes the manifest."""
+    report, seen = Report(), set()
+    planned = collections.defaultdict(list)  # split -> [(staged path, keep mask, info)]
+    for unit in units:
+        marker = markers[unit.index]
+        report.merge(Report.from_json(marker["report"]))
+        for shard in marker["shards"]:
+            keep = []
+            for record_id, source in shard["ids"]:
+                keep.append(record_id not in seen)
+                if record_id in seen:
+                    report.skips.add(SkipRecord("duplicate_id", record_id).at(source))
+                seen.add(record_id)
+            if any(keep):
+                planned[unit.split].append((staging / shard["info"]["file"], keep, ShardInfo(**shard["info"])))
+    report.converted = len(seen)
+    splits = {}
+    for split, shards in planned.items():
+        splits[split] = [
+            _place(staged, out / shard_name(split, index, len(shards)), keep, info)
+            for index, (staged, keep, info) in enumerate(shards)
+        ]
+    return write_manifest(out, splits), report
+
+
+def _fingerprint(fmt: str, units: list[_Unit], options: Options) -> str:
+    """Identifies a conversion's input and output-changing options, so --resume cannot mix two of them."""
+    plan = {"format": fmt, "options": options.fingerprint_fields(), "units": [dataclasses.asdict(u) for u in units]}
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _open_staging(staging: epath.Path, fingerprint: str) -> None:
+    """Creates the staging folder, or checks that the one found belongs to the same conversion."""
+    plan_path = staging / "plan.json"
+    if not staging.exists():
+        staging.mkdir(parents=True)
+        plan_path.write_text(json.dumps({"fingerprint": fingerprint}))
+    elif not plan_path.exists() or json.loads(plan_path.read_text())["fingerprint"] != fingerprint:
+        raise ConvertError(f"--resume: {staging.parent} was started with another input or options; "
+                           "rerun with those, or choose an empty --out")
+
+
+def convert(
+    src: str, fmt: str, out_dir: str, options: Options | None = None, resume: bool = False
+) -> tuple[dict, Report]:
+    """Converts SRC into shards under ``out_dir``; returns (manifest, report). Raises ConvertError on bad input."""
+    options = options or Options()
+    units = _plan(os.fspath(src), fmt, options)
+    fingerprint = _fingerprint(fmt, units, options)
+    out = epath.Path(out_dir)
+    staging, report_path = out / STAGING_DIR, out / REPORT_NAME
+    finished = (out / MANIFEST_NAME).exists() and not staging.exists()
+    if finished and resume and report_path.exists():
+        saved = json.loads(report_path.read_text(encoding="utf-8"))
+        if saved["fingerprint"] == fingerprint:
+            return read_manifest(out), Report.from_json(saved["report"])
+    if finished or (staging.exists() and not resume):
+        raise ConvertError(f"--out={out} already holds a conversion; pass --resume to continue an interrupted one "
+                           "with the same input and options, or choose an empty --out")
+    _open_staging(staging, fingerprint)
+    markers = {}
+    for unit in units:
+        if _marker_path(staging, unit.index).exists():
+            markers[unit.index] = json.loads(_marker_path(staging, unit.index).read_text(encoding="utf-8"))
+    progress = _Progress(len(units), len(markers), options.progress_seconds)
+    for marker in _run_units([u for u in units if u.index not in markers], staging, options):
+        markers[marker["unit"]] = marker
+        progress.update(marker)
+    manifest, report = _finalize(out, staging, units, markers)
+    saved = {"fingerprint": fingerprint, "src": os.fspath(src), "format": fmt, "report": report.to_json()}
+    report_path.write_text(json.dumps(saved, indent=1) + "\n", encoding="utf-8")
+    staging.rmtree()
+    return manifest, report
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """Reports a usage error as one line naming the flag, exit code 2."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    defaults = Options()
+    parser = _ArgumentParser(prog="python -m vlp_jax.datasets.convert", description=__doc__.split("\n")[0],
+                             epilog="Formats: " + ", ".join(FORMATS) + ". See the module docstring for details.")
+    parser.add_argument("src", help="captions file/folder, COCO or Karpathy JSON, or tar file/folder/glob")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--out", required=True, help="output folder (local or any etils.epath path, e.g. gs://)")
+    parser.add_argument("--records_per_shard", type=int, default=defaults.records_per_shard)
+    parser.add_argument("--max_side", type=int, default=defaults.max_side,
+                        help="re-encode images whose longer side exceeds this (default: store as they are)")
+    parser.add_argument("--quality", type=int, default=defaults.quality, help="JPEG/WebP quality of re-encoding")
+    parser.add_argument("--workers", type=int, default=defaults.workers, help="parallel threads; 0 or 1 = inline")
+    parser.add_argument("--split", default=defaults.split, help="split name for formats that carry none")
+    parser.add_argument("--image_root", default=defaults.image_root, help="folder the image paths are relative to")
+    parser.add_argument("--label_field", default="",
+                        help="folder format: comma-separated columns copied into each record's labels (e.g. a class)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted conversion into --out")
+    parser.add_argument("--progress_seconds", type=float, default=defaults.progress_seconds)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    options = Options(records_per_shard=args.records_per_shard, max_side=args.max_side, quality=args.quality,
+                      workers=args.workers, split=args.split, image_root=args.image_root,
+                      label_fields=tuple(field.strip() for field in args.label_field.split(",") if field.strip()),
+                      progress_seconds=args.progress_seconds)
+    try:
+        manifest, report = convert(args.src, args.format, args.out, options, resume=args.resume)
+    except ConvertError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{split}: {entry['num_records']}" for split, entry in manifest["splits"].items())
+    print(f"{report.summary()}\nwrote {args.out} ({counts or 'no records'})")
+    if report.converted == 0:
+        print(f"error: no records converted from {args.src}; see the reasons above", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
