@@ -22,17 +22,43 @@ flags.FLAGS.mark_as_parsed()
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """One uninterrupted 30-step tiny run shared by the tests: (workdir, final metrics, metrics.jsonl records).
+def pytest_collection_modifyitems(config, items):
+    """Everything under tests/integration trains end to end: marked `slow` (`make test-fast` runs tests/unit)."""
+    del config
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.slow)
 
-    It scores a 16-image eval subset at steps 10 and 20 and ends with the full evaluation suite (eval/step_30.*).
-    """
-    from tests.helpers import read_metrics, tiny_config
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory):
+    """name -> (config, workdir, final metrics, metrics.jsonl records) of each method's shared run (helpers.METHODS,
+    helpers.method_config), trained on first use and reused by every run-level test of the session."""
+    from tests.helpers import method_config, read_metrics
     from vlp_jax import train
 
-    workdir = tmp_path_factory.mktemp("tiny_run")
-    config = tiny_config()
-    config.eval.update(dict(every=10, subset_size=16))  # eval settings never change the trained parameters
-    final = train.train_and_evaluate(config, str(workdir))
-    return workdir, final, read_metrics(workdir)
+    runs = {}
+
+    def run_of(name: str):
+        if name not in runs:
+            config = method_config(name)
+            workdir = tmp_path_factory.mktemp(f"{name}_run")
+            final = train.train_and_evaluate(config, str(workdir))
+            runs[name] = (config, workdir, final, read_metrics(workdir))
+        return runs[name]
+
+    return run_of
+
+
+@pytest.fixture(scope="session", params=["clip", "brivl", "cots"])
+def method_run(request, trained_runs):
+    """Each method's shared trained run in turn: (name, config, workdir, final metrics, records)."""
+    return (request.param, *trained_runs(request.param))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(trained_runs):
+    """The shared 30-step tiny CLIP run: (workdir, final metrics, metrics.jsonl records). It scores a 16-image eval
+    subset at steps 10 and 20 and ends with the full evaluation suite (eval/step_30.*)."""
+    _, workdir, final, records = trained_runs("clip")
+    return workdir, final, records

@@ -5,7 +5,9 @@ import json
 import ml_collections
 import numpy as np
 
-from configs import clip
+from configs import brivl, clip, cots
+
+METHODS = ("clip", "brivl", "cots")  # the methods every run-level test can take a trained run of (conftest.py)
 
 
 def tiny_config(**train_overrides) -> ml_collections.ConfigDict:
@@ -15,6 +17,36 @@ def tiny_config(**train_overrides) -> ml_collections.ConfigDict:
     config.train.update(dict(steps=30, batch_size=64, warmup_steps=5, log_every=5, learning_rate=1e-3))
     config.train.update(train_overrides)
     config.eval.update(dict(every=1000, batch_size=64))
+    return config
+
+
+def small_towers(config: ml_collections.ConfigDict, queue_size: int = 0) -> ml_collections.ConfigDict:
+    """Shrinks the tiny towers further so each compile takes seconds."""
+    for tower in (config.model.image, config.model.text):
+        tower.update(dict(width=32, depth=1, heads=2, mlp_dim=64))
+    config.model.embed_dim = 16
+    config.train.batch_size = 16
+    config.method.queue_size = queue_size
+    if "head" in config.method:
+        config.method.head.update(dict(depth=1, heads=2, mlp_dim=64, hidden=32))
+    return config
+
+
+def method_config(name: str) -> ml_collections.ConfigDict:
+    """The shared trained run of each method: CLIP 30 steps of the tiny config (the eval subset scored at steps
+    10 and 20); BriVL and COTS 4 steps of smaller towers on the same data (COTS after a 2-step tokenizer stage)."""
+    if name == "clip":
+        config = tiny_config()
+        config.eval.update(dict(every=10, subset_size=16))  # eval settings never change the trained parameters
+        return config
+    config = small_towers({"brivl": brivl, "cots": cots}[name].get_config("tiny"))
+    config.data = tiny_config().data
+    config.data.train_size = 128
+    config.train.update(dict(steps=4, log_every=2, warmup_steps=1))
+    config.eval.update(dict(every=1000, batch_size=16))
+    if name == "cots":
+        config.method.mvm.tokenizer_fraction = 0.5  # a 2-step tokenizer stage
+        config.method.amf.warmup_steps = 1
     return config
 
 

@@ -23,10 +23,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-# Config keys a resumed run may change: they alter neither shapes, the method, nor the optimisation.
 # Config keys that may change between a checkpoint and its resumption: they never change the trained numbers
 # (the data loader's worker/prefetch settings included: the data order does not depend on them; nor the eval set,
-# so --mode=eval may score a checkpoint on other data).
+# so --mode=eval may score a checkpoint on other data; init_from and init.* act before the first step only).
 RESUMABLE_CHANGES = ("eval.", "checkpoint.", "train.log_every", "train.steps", "train.device_memory_bytes",
                      "mesh.", "init_from", "init.", "data.loader.", "data.eval_sources", "data.group_label")
 ITEMS = ("state", "data", "config")
@@ -230,8 +229,9 @@ def load_params(
     excludes = [compile_pattern("exclude", pattern) for pattern in exclude]
     rules = rename_rules(rename)
     if not (run_dir / "checkpoints").is_dir():
-        raise CheckpointError(f"{where}: {run_dir / 'checkpoints'} does not exist; {flag} takes the --workdir of a "
-                             "vlp_jax run")
+        setting = flag.lstrip("-").removeprefix("config.")
+        raise CheckpointError(f"{where}: {run_dir / 'checkpoints'} does not exist; {setting} takes the --workdir "
+                              "of a vlp_jax run")
     checkpointer = Checkpointer(run_dir, ml_collections.ConfigDict(dict(keep=None, keep_every=0, use_async=False)))
     try:
         steps = checkpointer.manager.all_steps()

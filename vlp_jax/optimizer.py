@@ -16,7 +16,7 @@ from absl import logging
 
 from vlp_jax.checkpoint import path_name
 
-DEFAULT_GROUP = "<default>"  # the label of parameters no group matches (not a valid config key, so never a group)
+UNGROUPED = "ungrouped"  # the group of the parameters no configured pattern matches: the global settings
 GROUP_KEYS = ("pattern", "frozen", "lr_multiplier", "weight_decay")
 
 
@@ -60,6 +60,8 @@ def param_groups(train: ml_collections.ConfigDict) -> list[ParamGroup]:
     groups = []
     for name, spec in specs.items():
         where = f"config.train.param_groups.{name}"
+        if name == UNGROUPED:
+            raise ValueError(f"{where}: the name {UNGROUPED!r} is reserved for the parameters no group matches")
         if not isinstance(spec, dict) or set(spec) - set(GROUP_KEYS) or "pattern" not in spec:
             raise ValueError(f"{where}: takes a dict of {', '.join(GROUP_KEYS)} (pattern required); got {spec!r}")
         try:
@@ -78,11 +80,12 @@ def param_groups(train: ml_collections.ConfigDict) -> list[ParamGroup]:
 
 
 def group_labels(groups: list[ParamGroup], params):
-    """A tree like `params` holding, per leaf, the name of the first group whose pattern fullmatches its path."""
+    """A tree like `params` holding, per leaf, the name of the first group whose pattern fullmatches its path
+    (the last group, UNGROUPED, matches every path)."""
 
     def label(key_path, _):
         path = path_name(key_path)
-        return next((group.name for group in groups if group.pattern.fullmatch(path)), DEFAULT_GROUP)
+        return next(group.name for group in groups if group.pattern.fullmatch(path))
 
     return jax.tree_util.tree_map_with_path(label, params)
 
@@ -94,14 +97,15 @@ def check_groups(groups: list[ParamGroup], params) -> list[str]:
     lines = []
     for group in groups:
         count = labels.count(group.name)
-        if count == 0:
+        if count == 0 and group.name != UNGROUPED:
             shadowed = any(map(group.pattern.fullmatch, paths))
             raise ValueError(
                 f"config.train.param_groups.{group.name}.pattern={group.pattern.pattern!r} matches no parameter"
                 + (" that an earlier group does not already own" if shadowed else "")
                 + f"; patterns fullmatch '/'-joined paths such as {', '.join(paths[:3])}"
             )
-        lines.append(f"parameter group {group.name}: {count} parameter arrays, {group.describe()}")
+        if count:
+            lines.append(f"parameter group {group.name}: {count} parameter arrays, {group.describe()}")
     return lines
 
 
@@ -126,6 +130,7 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
     groups = param_groups(train)
     if not groups:
         return optax.chain(optax.clip_by_global_norm(train.grad_clip_norm), adamw(train, schedule, train.weight_decay))
+    groups.append(ParamGroup(UNGROUPED, re.compile(".*"), False, 1.0, train.weight_decay))
 
     def labels(params):
         return group_labels(groups, params)
@@ -134,10 +139,11 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
         frozen = {group.name for group in groups if group.frozen}
         return jax.tree.map(lambda label: label in frozen, labels(params))
 
-    transforms = {DEFAULT_GROUP: adamw(train, schedule, train.weight_decay)}
-    for group in groups:
-        transforms[group.name] = optax.set_to_zero() if group.frozen else adamw(
+    transforms = {
+        group.name: optax.set_to_zero() if group.frozen else adamw(
             train, scaled(schedule, group.lr_multiplier), group.weight_decay)
+        for group in groups
+    }
     freeze = [optax.masked(optax.set_to_zero(), frozen_mask)] if any(group.frozen for group in groups) else []
     tx = optax.chain(*freeze, optax.clip_by_global_norm(train.grad_clip_norm), optax.partition(transforms, labels))
 

@@ -79,6 +79,11 @@ class VQMethod(Method):
         size = config.model.image.image_size
         return {"image": Feature((size, size, 3), "uint8")}
 
+    @classmethod
+    def evaluators(cls, config):
+        del config
+        return {"reconstruction": {"type": "reconstruction", "every": -1}}
+
     def init(self, rng: jax.Array, batch: Batch) -> tuple[PyTree, PyTree]:
         check_images(self.config, batch["image"])
         params = self.model.init(rng, batch["image"])["params"]

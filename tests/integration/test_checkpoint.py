@@ -24,7 +24,7 @@ from vlp_jax.evaluate import run as eval_run
 from vlp_jax.optimizer import make_optimizer
 from vlp_jax.state import create_train_state
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def final_state(workdir, config=None):
@@ -201,6 +201,7 @@ def run_until(command, env, pattern):
     raise AssertionError(f"{pattern!r} never appeared; exit code {process.wait()}")
 
 
+@pytest.mark.multiprocess
 def test_kill_9_and_sigterm_at_random_moments_then_restart_finishes_identically(tiny_run, tmp_path):
     rng = random.Random(7)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
@@ -302,6 +303,7 @@ def wait_for_line(path, pattern, processes, timeout=600):
     raise AssertionError(f"{pattern!r} never appeared: {[(code, out[-3000:]) for code, out in results]}")
 
 
+@pytest.mark.multiprocess
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exactly(two_process_data, tmp_path):
     config, overrides = two_process_data
     steps = TWO_PROCESS_STEPS

@@ -12,6 +12,7 @@ from PIL import Image
 from tests.helpers import read_metrics, tiny_config
 from vlp_jax import checkpoint, parallel, train
 from vlp_jax.data.dataset import PairDataset
+from vlp_jax.evaluate import picture as picture_drawing
 from vlp_jax.evaluate import run as eval_run
 from vlp_jax.evaluate import scope
 from vlp_jax.evaluate.context import EvalContext, EvalPass
@@ -65,7 +66,7 @@ def test_report_holds_retrieval_efficiency_and_the_picture(tiny_run, report):
     config = tiny_config()
     side = config.eval.picture.image_px
     assert picture.ndim == 3 and picture.shape[0] > 2 * config.eval.picture.queries * side
-    green, red = np.array(picture.HIT), np.array(picture.MISS)
+    green, red = np.array(picture_drawing.HIT), np.array(picture_drawing.MISS)
     assert (picture == green).all(-1).any() and (picture == red).all(-1).any()  # hits and misses are marked
     last = records[-1]  # every figure is a scalar too
     assert last["eval/zeroshot/single_object_colour/top1"] == report["zeroshot"]["single_object_colour"]["top1"]

@@ -1,6 +1,5 @@
 """BriVL and COTS methods: sharded = single-device, queue identical across meshes, the tokenizer stage, errors."""
 
-import json
 
 import flax.linen as nn
 import jax
@@ -10,21 +9,9 @@ import numpy as np
 import pytest
 
 from configs import brivl, cots
-from tests.helpers import tiny_config
-from vlp_jax import methods, parallel, stages, step, train
+from tests.helpers import small_towers
+from vlp_jax import methods, parallel, stages, step
 from vlp_jax.methods.cots import CotsMethod
-
-
-def small(config: ml_collections.ConfigDict, queue_size: int = 0) -> ml_collections.ConfigDict:
-    """Shrinks the tiny towers further so each compile takes seconds."""
-    for tower in (config.model.image, config.model.text):
-        tower.update(dict(width=32, depth=1, heads=2, mlp_dim=64))
-    config.model.embed_dim = 16
-    config.train.batch_size = 16
-    config.method.queue_size = queue_size
-    if "head" in config.method:
-        config.method.head.update(dict(depth=1, heads=2, mlp_dim=64, hidden=32))
-    return config
 
 
 def batch_of(config, seed=0):
@@ -70,7 +57,7 @@ def assert_trees_close(got, want, rtol=2e-4, atol=1e-5):
 
 
 def test_brivl_sharded_loss_and_grads_equal_single_device():
-    config = small(brivl.get_config("tiny"))
+    config = small_towers(brivl.get_config("tiny"))
     config.method.amf.enabled = True  # exercise the weights as COTS does
     params, extra = init(config, mesh_of((1, 1, 1)))
     (single,), _ = run_steps(config, mesh_of((1, 1, 1)), params, extra, 1)
@@ -80,7 +67,7 @@ def test_brivl_sharded_loss_and_grads_equal_single_device():
 
 
 def test_cots_loss_grads_and_queue_equal_across_meshes():
-    config = small(cots.get_config("tiny"), queue_size=32)
+    config = small_towers(cots.get_config("tiny"), queue_size=32)
     config.method.mvm.tokenizer = "random"
     config.method.amf.warmup_steps = 0
     tokenizer = step.load_pretrained(config, mesh_of((1, 1, 1)))  # {"tokenizer": an untrained VQ run}
@@ -102,19 +89,10 @@ def test_cots_loss_grads_and_queue_equal_across_meshes():
     assert np.asarray(single_extra["queue"]["valid"]).sum() < 32  # filtered pairs were kept out
 
 
-def test_cots_trains_its_tokenizer_stage_first_then_logs_every_term(tmp_path):
-    config = small(cots.get_config("tiny"))
-    tiny = tiny_config()
-    config.data = tiny.data
-    config.data.train_size = 128
-    config.train.update(dict(steps=4, log_every=2, warmup_steps=1))
-    config.eval.update(dict(every=1000, batch_size=16))
-    config.method.mvm.tokenizer_fraction = 0.5  # a 2-step tokenizer stage
-    config.method.amf.warmup_steps = 1
-    final = train.train_and_evaluate(config, str(tmp_path))
+def test_cots_trains_its_tokenizer_stage_first_then_logs_every_term(trained_runs):
+    config, tmp_path, final, records = trained_runs("cots")
     assert final["mean_r1"] >= 0
     assert (tmp_path / "tokenizer" / "checkpoints" / "2").is_dir()
-    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl", encoding="utf-8")]
     logged = records[-2] if "train/loss" not in records[-1] else records[-1]
     for term in ("instance_loss", "kl_loss", "mlm_loss", "mvm_loss", "amf/filtered_fraction", "loss"):
         assert np.isfinite(logged[f"train/{term}"]), term
@@ -124,7 +102,7 @@ def test_cots_trains_its_tokenizer_stage_first_then_logs_every_term(tmp_path):
 
 
 def test_cots_refuses_a_tokenizer_with_another_patch_grid(tmp_path):
-    config = small(cots.get_config("tiny"))
+    config = small_towers(cots.get_config("tiny"))
     config.method.mvm.tokenizer = "random"
     pretrained = step.load_pretrained(config, mesh_of((1, 1, 1)))
     pretrained["tokenizer"].config.model.image.patch_size = 4

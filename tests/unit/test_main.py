@@ -9,7 +9,7 @@ import pytest
 from vlp_jax import cli
 from vlp_jax.main import default_workdir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run_main(*args):

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tests.test_contrastive import unit_rows
+from tests.unit.test_contrastive import unit_rows
 from vlp_jax import parallel
 from vlp_jax.objectives import momentum
 from vlp_jax.objectives.contrastive import contrastive_loss
