@@ -25,6 +25,8 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (mult
 flags.DEFINE_string("coordinator_address", None, "--distributed where not auto-detected: process 0's host:port.")
 flags.DEFINE_integer("num_processes", None, "--distributed where not auto-detected: how many processes.")
 flags.DEFINE_integer("process_id", None, "--distributed where not auto-detected: this process's index.")
+flags.DEFINE_bool("debug", False, "Show the traceback of a run-time error (otherwise one line and an exit code).")
+flags.DEFINE_bool("library_logs", False, "Keep the INFO logs of orbax, jax and grain (otherwise WARNING and above).")
 FLAGS = flags.FLAGS
 
 
@@ -50,13 +52,15 @@ def main(argv):
     if FLAGS.distributed:
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     logging.set_verbosity(logging.INFO)
+    if not FLAGS.library_logs:
+        cli.quiet_library_logs()
     workdir = FLAGS.workdir or (None if FLAGS.checkpoint else default_workdir(FLAGS["config"].config_filename))
     logging.info("process %d/%d, workdir %s", jax.process_index(), jax.process_count(), workdir or FLAGS.checkpoint)
     try:
         if FLAGS.mode == "eval":
-            run.evaluate_checkpoint(FLAGS.config, workdir, FLAGS.checkpoint)
+            cli.report_errors(run.evaluate_checkpoint, FLAGS.config, workdir, FLAGS.checkpoint, debug=FLAGS.debug)
         else:
-            train.train_and_evaluate(FLAGS.config, workdir)
+            cli.report_errors(train.train_and_evaluate, FLAGS.config, workdir, debug=FLAGS.debug)
     except preemption.Preempted as stop:
         logging.warning("%s", stop)
         sys.exit(preemption.PREEMPTED_EXIT_CODE)

@@ -76,12 +76,16 @@ def _train(config, workdir: epath.Path, stop_after: int | None, stop_signal: Sto
     scope = eval_scope(config)
     run = step.setup(config)
     mesh = run.mesh
+    logging.info("plan: %s (%s) with %s parameters | mesh %s over %d %s devices | data %s | %d steps x batch %d "
+                 "| evaluators %s", config.method.name, config.get("size", "custom"),
+                 f"{count_params(run.state.params):,}", dict(mesh.shape), mesh.size, jax.devices()[0].platform,
+                 config.data.train_sources, config.train.steps, config.train.batch_size,
+                 ", ".join(eval_run.declared(config)) or "none")
     data = pipeline.load(config, workdir, features=run.method.features(config),
                          eval_limit=scope.read_limit(config.eval.subset_size))
     batches, eval_data = data.train, data.eval
     logging.info("data: %d training examples per epoch from %s; %d eval images, %d captions", batches.epoch_length,
                  config.data.train_sources, len(eval_data), len(eval_data.captions))
-    logging.info("mesh %s over %d %s devices", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
     checkpointer = Checkpointer(workdir, config.checkpoint)
     state = restore_or_init(run, checkpointer, batches, config)
     step_number = int(state.step)

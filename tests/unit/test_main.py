@@ -1,5 +1,6 @@
 """The command line: friendly one-line errors for bad flags, and the default workdir."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -52,3 +53,23 @@ def test_checkpoint_flag_outside_eval_mode_is_refused_with_the_fix():
     assert result.returncode != 0
     assert "--checkpoint=/tmp/some_run is only read with --mode=eval" in result.stderr
     assert "--config.init_from" in result.stderr
+
+
+def test_library_info_logs_are_filtered_but_warnings_and_our_own_pass():
+    own_logs = cli._OwnLogsOnly()
+
+    def record(path, level):
+        return logging.LogRecord("absl", level, path, 1, "message", None, None)
+
+    assert not own_logs.filter(record("/site-packages/orbax/checkpoint/checkpoint_manager.py", logging.INFO))
+    assert own_logs.filter(record("/site-packages/orbax/checkpoint/checkpoint_manager.py", logging.WARNING))
+    assert own_logs.filter(record(os.path.join(ROOT, "vlp_jax", "train.py"), logging.INFO))
+
+
+@pytest.mark.parametrize(
+    "error, code",
+    [(ValueError("x"), 2), (FileNotFoundError("x"), 3), (PermissionError("x"), 4), (MemoryError("x"), 6),
+     (FloatingPointError("x"), 7), (OSError(28, "No space left on device"), 8), (RuntimeError("bug"), None)],
+)
+def test_each_kind_of_user_error_has_its_exit_code(error, code):
+    assert cli.exit_code(error) == code

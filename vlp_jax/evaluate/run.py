@@ -144,13 +144,32 @@ def save_report(directory: epath.PathLike, step: int, report: dict, picture: np.
     return report_path
 
 
+# What --mode=eval takes from the given config; everything else comes from the evaluated run's saved config.
+EVAL_KEYS = ("eval", "mesh", "data.loader", "data.eval_sources", "data.group_label", "train.device_memory_bytes")
+
+
+def saved_with_eval_keys(saved: dict, given: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The run's saved config (JSON) with `given`'s EVAL_KEYS; other differences are logged as ignored, so an
+    evaluation needs none of the training overrides repeated."""
+    config = ml_collections.ConfigDict(saved)
+    for key in EVAL_KEYS:
+        value = stages.get_key(given, key)
+        stages.set_key(config, key, value.copy_and_resolve_references() if hasattr(value, "to_dict") else value)
+    ignored = checkpoint.config_differences(saved, checkpoint.config_as_json(given))  # eval keys never listed
+    if ignored:
+        logging.info("--mode=eval uses the run's saved config; the given config differs in these keys, which only "
+                     "training reads (ignored):\n  %s", "\n  ".join(ignored))
+    return config
+
+
 def evaluate_checkpoint(
     config: ml_collections.ConfigDict, workdir: str | None, checkpoint_path: str | None = None
 ) -> dict[str, float]:
     """`--mode=eval`: the full evaluation of a checkpoint; returns the headline metrics.
 
     The checkpoint: `checkpoint_path` (a run's workdir, meaning its latest checkpoint, or one of its
-    checkpoints/<step> directories), by default the latest in `workdir`. The report and picture go to
+    checkpoints/<step> directories), by default the latest in `workdir`. The run's saved config is used; only
+    the evaluation keys (EVAL_KEYS) of `config` apply. The report and picture go to
     <workdir>/eval/; without `workdir`, to the evaluated run's.
     """
     if checkpoint_path:
@@ -158,12 +177,13 @@ def evaluate_checkpoint(
     else:
         run_dir, at = checkpoint.find_checkpoint(workdir, "--workdir")
     workdir = checkpoint.absolute(workdir) if workdir else run_dir
+    checkpointer = checkpoint.Checkpointer(run_dir, config.checkpoint)
+    config = saved_with_eval_keys(checkpointer.saved_config(at), config)
     config = stages.prepare(config, run_dir, None)
     tokenizer = pipeline.load_tokenizer(config, run_dir, pipeline.open_sources(config, "train", run_dir)[0])
     scope = eval_scope(config)
     eval_data = pipeline.load_eval(config, run_dir, tokenizer, limit=scope.limit)
     run = step.setup(config)
-    checkpointer = checkpoint.Checkpointer(run_dir, config.checkpoint)
     state, _ = checkpointer.restore(at, checkpoint.abstract_like(run.state, run.shardings), config)
     checkpointer.close()
     evaluations = Evaluations(EvalContext(run.method, run.shardings.params, run.mesh, config, tokenizer, scope))
