@@ -1,6 +1,6 @@
 """BriVL (WenLan, arXiv 2103.06561): two towers with per-tower heads and a cross-modal MoCo loss.
 
-What comes from where (see METHODS.md in the README's method notes):
+What comes from where ([code]: the released code; [ours]: our design where the paper and code are silent):
 - [code] Per-tower heads: a small transformer over the tower's token features (region/patch or word), masked mean
   pooling, a 2-layer MLP into the joint space, L2 normalisation. Momentum update θ' ← m·θ' + (1 − m)·θ before the
   keys are computed; i2t logits score v against the momentum text keys, t2i score t against the momentum image
