@@ -14,6 +14,7 @@ from tests.helpers import tiny_config
 from vlp_jax.data import examples, loader, pipeline, records, sources, synthetic, tokenizer, train_stream, transforms
 from vlp_jax.data.records import ImageTextRecord
 from vlp_jax.data.skips import SkipLog, Skipped
+from vlp_jax.data.world_shards import cached_shards
 
 SIZE = 8  # image side of these tests' records and batches
 MAX_LEN = 12
@@ -450,17 +451,29 @@ def test_noisy_pairs_carry_their_flag_into_training_batches(tmp_path):
 
 def test_world_shards_are_cached_by_config(tmp_path):
     world = synthetic.default_config()
-    first = synthetic.cached_shards(world, {"train": 8, "eval": 4}, tmp_path)
+    first = cached_shards(world, {"train": 8, "eval": 4}, tmp_path)
     stamp = os.stat(first / records.MANIFEST_NAME).st_mtime_ns
-    assert synthetic.cached_shards(world, {"train": 8, "eval": 4}, tmp_path) == first
+    assert cached_shards(world, {"train": 8, "eval": 4}, tmp_path) == first
     assert os.stat(first / records.MANIFEST_NAME).st_mtime_ns == stamp  # reused, not rewritten
     world.seed = 1
-    assert synthetic.cached_shards(world, {"train": 8, "eval": 4}, tmp_path) != first
+    assert cached_shards(world, {"train": 8, "eval": 4}, tmp_path) != first
     stored = list(records.read_split(first, "train"))
     rendered = synthetic.make_split(synthetic.default_config(), "train", 8)
     for record, image, captions in zip(stored, rendered.images, rendered.captions, strict=True):
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(record.image))), image)  # lossless
         assert record.captions == captions and record.boxes.shape == (3, 4) and record.labels is None
+
+
+def test_world_size_does_not_depend_on_train_steps(tmp_path):
+    """A resumed run may change train.steps: the world's training split stays the same records."""
+    splits = []
+    for steps in (1, 1000):
+        config = tiny_config(steps=steps, batch_size=16)
+        config.data.train_size, config.data.eval_size = 64, 8
+        [spec] = pipeline.resolve_specs(config, "train", tmp_path / f"steps-{steps}")
+        splits.append(list(records.read_split(spec.location, "train")))
+    assert len(splits[0]) == len(splits[1]) == 64  # 1 step x 16 would have capped it at 16
+    assert splits[0] == splits[1]
 
 
 def test_eval_image_groups_come_from_the_group_label(tmp_path, word_tokenizer):

@@ -12,14 +12,14 @@ import dataclasses
 import ml_collections
 from etils import epath
 
-from vlp_jax.data import examples, sources, synthetic, transforms
+from vlp_jax.data import examples, sources, transforms, world_shards
 from vlp_jax.data.dataset import PairDataset
 from vlp_jax.data.loader import LoaderOptions, read_pairs
 from vlp_jax.data.tokenizer import Tokenizer, train_tokenizer
 from vlp_jax.data.train_stream import TrainIterator, TrainSource
 
 __all__ = ["Data", "LoaderOptions", "PairDataset", "TrainIterator", "load", "load_eval", "load_tokenizer",
-           "open_sources", "resolve_specs", "world_train_size"]
+           "open_sources", "resolve_specs"]
 
 TOKENIZER_FILE = "tokenizer.model"  # in the workdir, when config.data.tokenizer.path is empty
 WORLD_DIR = "data"  # the embedded world's shards go to <workdir>/data unless config.data.world_dir is set
@@ -34,13 +34,6 @@ class Data:
     tokenizer: Tokenizer
 
 
-def world_train_size(config: ml_collections.ConfigDict) -> int:
-    """Training scenes the embedded world renders: `config.data.train_size`, but never more than the run can
-    consume (steps × global batch), so a short run of a 224 px preset starts in seconds rather than rendering
-    200k images first. Scene i is the same scene whatever the size, so a smaller world is a prefix of a larger."""
-    return max(1, min(config.data.train_size, config.train.steps * config.train.batch_size))
-
-
 def resolve_specs(config: ml_collections.ConfigDict, split: str, workdir: epath.PathLike) -> list[sources.SourceSpec]:
     """The parsed `config.data.<split>_sources`, with 'synthetic' replaced by the world's cached shard directory."""
     data = config.data
@@ -48,8 +41,8 @@ def resolve_specs(config: ml_collections.ConfigDict, split: str, workdir: epath.
     specs = sources.parse_specs(data[f"{split}_sources"], split, flag)
     if any(spec.location == sources.SYNTHETIC for spec in specs):
         root = epath.Path(data.world_dir) if data.world_dir else epath.Path(workdir) / WORLD_DIR
-        world_dir = synthetic.cached_shards(data.world, {"train": world_train_size(config), "eval": data.eval_size},
-                                            root)
+        # The world's size is the config's alone (never train.steps): a resumed run reads the same training set.
+        world_dir = world_shards.cached_shards(data.world, {"train": data.train_size, "eval": data.eval_size}, root)
         specs = [dataclasses.replace(s, location=str(world_dir)) if s.location == sources.SYNTHETIC else s
                  for s in specs]
     return specs

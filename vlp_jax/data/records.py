@@ -10,8 +10,9 @@ version "v", so readers can reject what they do not understand instead of misrea
 
 A dataset directory holds shards named ``<split>-00000-of-00004.array_record`` (group_size:1, uncompressed, so grain
 reads them by random access) and ``manifest.json``: schema version and, per split, each shard's file name, record
-count, size and sha256. Paths are etils.epath paths; shards for a non-local path are written to a local
-temporary file and copied, because the ArrayRecord library opens local files only.
+count, size and sha256. Reading a split checks each shard's size against the manifest (a stat per shard);
+`python -m vlp_jax.data.verify DIR` recomputes every sha256. Paths are etils.epath paths; shards for a non-local path
+are written to a local temporary file and copied, because the ArrayRecord library opens local files only.
 """
 
 import contextlib
@@ -361,12 +362,27 @@ def read_manifest(data_dir: epath.PathLike) -> dict:
 
 
 def shard_paths(data_dir: epath.PathLike, split: str) -> list[epath.Path]:
-    """The shard files of one split, in order, as listed by the manifest."""
+    """The shard files of one split, in order, as listed by the manifest. Each present shard's size is checked
+    against the manifest (one stat per shard): a truncated or half-copied file is a ManifestError naming it."""
+    data_dir = epath.Path(data_dir)
     manifest = read_manifest(data_dir)
     if split not in manifest["splits"]:
         known = ", ".join(manifest["splits"]) or "none"
-        raise ManifestError(f"{epath.Path(data_dir) / MANIFEST_NAME} has no split {split!r}; it has: {known}")
-    return [epath.Path(data_dir) / s["file"] for s in manifest["splits"][split]["shards"]]
+        raise ManifestError(f"{data_dir / MANIFEST_NAME} has no split {split!r}; it has: {known}")
+    paths = []
+    for shard in manifest["splits"][split]["shards"]:
+        path = data_dir / shard["file"]
+        try:
+            size = path.stat().length
+        except FileNotFoundError:  # the shard source reports a missing file by name
+            size = shard["num_bytes"]
+        if size != shard["num_bytes"]:
+            raise ManifestError(
+                f"shard {path} has {size} bytes but {MANIFEST_NAME} says {shard['num_bytes']}: re-copy it or re-run "
+                f"the converter; `python -m vlp_jax.data.verify {data_dir}` checks every checksum"
+            )
+        paths.append(path)
+    return paths
 
 
 def read_split(data_dir: epath.PathLike, split: str) -> Iterator[ImageTextRecord]:
@@ -394,20 +410,29 @@ def write_records(
     return write_manifest(out_dir, splits)
 
 
+def shard_problem(data_dir: epath.PathLike, shard: dict) -> str | None:
+    """Why a shard disagrees with its manifest entry ("missing", or the sizes and sha256 that differ), or None when
+    its size and sha256 match; reads the whole file."""
+    path = epath.Path(data_dir) / shard["file"]
+    if not path.exists():
+        return "missing"
+    num_bytes, sha256 = _file_digest(path)
+    if (num_bytes, sha256) == (shard["num_bytes"], shard["sha256"]):
+        return None
+    return (f"changed: {num_bytes} bytes, sha256 {sha256[:12]}…; the manifest says {shard['num_bytes']} bytes, "
+            f"sha256 {shard['sha256'][:12]}…")
+
+
 def verify_manifest(data_dir: epath.PathLike) -> dict:
     """Recomputes every shard's size and sha256; returns the manifest, or raises ManifestError listing mismatches."""
     data_dir = epath.Path(data_dir)
     manifest = read_manifest(data_dir)
-    problems = []
-    for split, entry in manifest["splits"].items():
-        for shard in entry["shards"]:
-            path = data_dir / shard["file"]
-            if not path.exists():
-                problems.append(f"{path} (split {split}) is missing")
-                continue
-            num_bytes, sha256 = _file_digest(path)
-            if (num_bytes, sha256) != (shard["num_bytes"], shard["sha256"]):
-                problems.append(f"{path} (split {split}) has changed: size/sha256 differ from the manifest")
+    problems = [
+        f"{data_dir / shard['file']} (split {split}) is {problem}"
+        for split, entry in manifest["splits"].items()
+        for shard in entry["shards"]
+        if (problem := shard_problem(data_dir, shard))
+    ]
     if problems:
         raise ManifestError(f"{data_dir / MANIFEST_NAME}: " + "; ".join(problems))
     return manifest

@@ -13,8 +13,10 @@ random-access source whose items are ``Located`` records or ``Skipped`` markers:
 decoded is never an exception, so one bad record cannot stop training.
 
 Shards are opened once when a source is built, so a glob that matches nothing or a file that is not a readable
-ArrayRecord file is an error naming the path before training starts. Corruption inside a readable shard (a chunk
-whose checksum fails) only shows when its records are read: those are skipped as ``corrupt_shard``.
+ArrayRecord file, or a dataset directory's shard whose size differs from its manifest's, is an error naming the
+path before training starts. Corruption inside a readable shard of the right size (a chunk whose checksum fails)
+only shows when its records are read: those are skipped as ``corrupt_shard`` (`python -m vlp_jax.data.verify DIR`
+finds it beforehand, by the manifest's sha256s).
 """
 
 import bisect

@@ -10,7 +10,7 @@ Noisy pairs: with ``world.noise_fraction`` > 0, about that fraction of TRAIN sce
 random train scene (eval scenes never do); the flag is kept as ground truth (``SyntheticSplit.noisy``, and
 ``labels={"noisy": ...}`` in the records), for methods that filter noisy pairs to report how well they do.
 
-The pipeline reads the world like any other dataset: `cached_shards` writes both splits once as ArrayRecord
+The pipeline reads the world like any other dataset: world_shards.py writes `split_records` once as ArrayRecord
 shards (PNG images, every caption, boxes and tags) in a directory keyed by the world config, and reuses them.
 
 Never flip these images horizontally in a pipeline: a flip contradicts every left/right caption.
@@ -22,15 +22,11 @@ import functools
 import hashlib
 import io
 import itertools
-import json
 import math
-import os
-import uuid
 from collections.abc import Callable, Iterator
 
 import ml_collections
 import numpy as np
-from etils import epath
 from PIL import Image
 
 from vlp_jax.data import records
@@ -199,33 +195,6 @@ def split_records(world: ml_collections.ConfigDict, split: str, num: int) -> Ite
                 split=split,
                 labels={"noisy": bool(noisy[index])} if carries_flag else None,
             )
-
-
-def cached_shards(world: ml_collections.ConfigDict, sizes: dict[str, int], root: epath.PathLike) -> epath.Path:
-    """The dataset directory holding these splits of the world, written on first use and reused afterwards.
-
-    The directory name is a hash of the world config and the split sizes, so a changed world never reuses stale
-    shards. Shards are written into a private staging directory renamed into place when complete: concurrent
-    writers (several hosts, or an interrupted run) never see a half-written dataset.
-    """
-    key = json.dumps({"world": world.to_dict(), "sizes": sizes, "schema": records.SCHEMA_VERSION}, sort_keys=True)
-    final = epath.Path(root) / f"world-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    if (final / records.MANIFEST_NAME).exists():
-        return final
-    staging = epath.Path(root) / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
-    try:
-        for split, num in sizes.items():
-            records.write_records(split_records(world, split, num), staging, split, world.records_per_shard)
-        (staging / "world.json").write_text(key + "\n", encoding="utf-8")
-        try:
-            staging.rename(final)
-        except OSError:  # another process finished first: use its copy
-            if not (final / records.MANIFEST_NAME).exists():
-                raise
-    finally:
-        if staging.exists():
-            staging.rmtree()
-    return final
 
 
 def caption_vocabulary(world: ml_collections.ConfigDict) -> list[str]:

@@ -74,6 +74,7 @@ class Evaluations:
         self.evaluators: list[Evaluator] = []
         for name, options in declared(context.config).items():
             self.evaluators.append(REGISTRY[options.type](context, name, options))
+        self.evaluators.sort(key=lambda evaluator: not evaluator.headline)  # the headline table is logged first
 
     def _every(self, evaluator: Evaluator) -> int:
         return self.context.config.eval.every if evaluator.every == EVERY_EVAL_STEP else evaluator.every
