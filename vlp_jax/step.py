@@ -53,6 +53,14 @@ def random_batch(example: dict[str, Feature], size: int, rng: np.random.Generato
     return batch
 
 
+def abstract_batch(example: dict[str, Feature], size: int, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch of `size` examples as shapes sharded over the batch axes: the step compiles (and its
+    memory is checked) from it before any data is read."""
+    sharding = parallel.batch_sharding(mesh)
+    return {key: jax.ShapeDtypeStruct((size, *feature.shape), np.dtype(feature.dtype), sharding=sharding)
+            for key, feature in example.items()}
+
+
 def load_pretrained(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, LoadedRun]:
     """The other runs' weights the configured method declares (`Method.pretrained`), read with the partial
     reader; a run directory of stages.RANDOM is an untrained stand-in built from the stage that produces it."""

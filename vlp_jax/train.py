@@ -81,6 +81,9 @@ def _train(config, workdir: epath.Path, stop_after: int | None, stop_signal: Sto
                  f"{count_params(run.state.params):,}", dict(mesh.shape), mesh.size, jax.devices()[0].platform,
                  config.data.train_sources, config.train.steps, config.train.batch_size,
                  ", ".join(eval_run.declared(config)) or "none")
+    # Compiled from the declared example before any data is read: a step that cannot fit fails in seconds.
+    example = step.abstract_batch(run.method.example_batch(config), config.train.batch_size, mesh)
+    compiled, flops_per_step = _compile(run, example, config)
     data = pipeline.load(config, workdir, features=run.method.features(config),
                          eval_limit=scope.read_limit(config.eval.subset_size))
     batches, eval_data = data.train, data.eval
@@ -90,11 +93,10 @@ def _train(config, workdir: epath.Path, stop_after: int | None, stop_signal: Sto
     state = restore_or_init(run, checkpointer, batches, config)
     step_number = int(state.step)
     batch = parallel.global_batch_from_local(next(batches), mesh)
-    started = time.perf_counter()
-    compiled, estimate, flops_per_step = step.compile_step(run, batch, config)
-    logging.info("%s parameters; train step compiled in %.1fs, needs %s per device of %s",
-                 f"{count_params(state.params):,}", time.perf_counter() - started,
-                 memory.format_bytes(estimate.per_device_bytes), memory.format_bytes(estimate.available_bytes))
+    if jax.tree.map(lambda x: (x.shape, x.dtype), batch) != jax.tree.map(lambda x: (x.shape, x.dtype), example):
+        logging.info("the data's batch (%s) differs from the declared example (%s): compiling again",
+                     sorted(batch), sorted(example))  # e.g. the world's ground-truth noisy-pair flag
+        compiled, flops_per_step = _compile(run, batch, config)
 
     evaluations = Evaluations(EvalContext(run.method, run.shardings.params, mesh, config, data.tokenizer, scope))
     eval_subset = eval_data.first_images(config.eval.subset_size)  # scored every config.eval.every steps
@@ -149,6 +151,15 @@ def _train(config, workdir: epath.Path, stop_after: int | None, stop_signal: Sto
         checkpointer.wait()
         checkpointer.close()
         writer.close()
+
+
+def _compile(run: step.Setup, batch, config):
+    """The compiled step and its FLOPs; the memory verdict is logged (step.compile_step raises if it cannot fit)."""
+    started = time.perf_counter()
+    compiled, estimate, flops_per_step = step.compile_step(run, batch, config)
+    logging.info("train step compiled in %.1fs; memory: needs %s per device of %s", time.perf_counter() - started,
+                 memory.format_bytes(estimate.per_device_bytes), memory.format_bytes(estimate.available_bytes))
+    return compiled, flops_per_step
 
 
 def check_nonfinite(step_number: int, streak, config, checkpointer: Checkpointer) -> None:

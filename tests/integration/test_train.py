@@ -72,3 +72,11 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
 def test_batch_not_divisible_by_devices_fails_before_compiling(tmp_path):
     with pytest.raises(ValueError, match=r"config.train.batch_size=60 is not divisible by the 8"):
         train.train_and_evaluate(tiny_config(batch_size=60), str(tmp_path))
+
+
+def test_memory_verdict_and_plan_come_before_any_data_is_read(tmp_path, caplog):
+    config = tiny_config(device_memory_bytes=1024)
+    with caplog.at_level("INFO"), pytest.raises(MemoryError):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "data").exists()  # the embedded world was never rendered
+    assert any(record.getMessage().startswith("plan: clip (tiny) with ") for record in caplog.records)

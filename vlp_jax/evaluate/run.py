@@ -115,8 +115,8 @@ class Evaluations:
 
 def _merge(into: dict, update: dict) -> None:
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
+        if isinstance(value, dict):
+            _merge(into.setdefault(key, {}), value)  # new dicts: an evaluator's own report is never changed
         else:
             into[key] = value
 
