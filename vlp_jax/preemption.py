@@ -1,6 +1,7 @@
 """Preemption: SIGTERM/SIGINT recorded instead of killing the run, agreed on by every process, so the loop
 finishes its step, saves and exits with PREEMPTED_EXIT_CODE (the launcher or SLURM reruns the same command)."""
 
+import contextlib
 import signal
 
 import jax
@@ -18,17 +19,39 @@ class Preempted(Exception):
         self.step = step
 
 
+class Interrupted(Preempted):
+    """Raised at once by a signal during a phase with nothing to save (reading or rendering data); whatever the
+    phase was writing is staged and removed, never left half-written."""
+
+    def __init__(self, signal_name: str, phase: str):
+        Exception.__init__(self, f"received {signal_name} while {phase}: stopped, nothing half-written; rerun the "
+                                 "same command to continue")
+        self.step = None
+
+
 class StopSignal:
     """Records SIGTERM/SIGINT instead of dying, so the loop can finish its step and save; all processes agree."""
 
     def __init__(self):
         self.received: int | None = None  # set by the handler: the signal this process received
         self.agreed: int | None = None  # set by `requested`: the signal every process stops for
+        self._phase: str | None = None  # set by `immediate`: the phase a signal interrupts at once
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
         del frame
         self.received = signum
+        if self._phase is not None:
+            raise Interrupted(signal.Signals(signum).name, self._phase)
+
+    @contextlib.contextmanager
+    def immediate(self, phase: str):
+        """Within: a signal raises Interrupted at once instead of waiting for the end of a step."""
+        self._phase = phase
+        try:
+            yield
+        finally:
+            self._phase = None
 
     def requested(self) -> bool:
         """Whether any process received a signal. Multi-process: a collective that every process calls once per

@@ -84,8 +84,9 @@ def _train(config, workdir: epath.Path, stop_after: int | None, stop_signal: Sto
     # Compiled from the declared example before any data is read: a step that cannot fit fails in seconds.
     example = step.abstract_batch(run.method.example_batch(config), config.train.batch_size, mesh)
     compiled, flops_per_step = _compile(run, example, config)
-    data = pipeline.load(config, workdir, features=run.method.features(config),
-                         eval_limit=scope.read_limit(config.eval.subset_size))
+    with stop_signal.immediate("reading the data (rendering the world, training the text tokenizer)"):
+        data = pipeline.load(config, workdir, features=run.method.features(config),
+                             eval_limit=scope.read_limit(config.eval.subset_size))
     batches, eval_data = data.train, data.eval
     logging.info("data: %d training examples per epoch from %s; %d eval images, %d captions", batches.epoch_length,
                  config.data.train_sources, len(eval_data), len(eval_data.captions))

@@ -1,10 +1,15 @@
 """End to end on the embedded world: the loss falls, runs are reproducible, metrics are written, OOM fails fast."""
 
+import os
+import signal
+import threading
+import time
+
 import numpy as np
 import pytest
 
 from tests.helpers import read_metrics, tiny_config
-from vlp_jax import train
+from vlp_jax import preemption, train
 from vlp_jax.evaluate.retrieval import RECALL_KEYS
 
 
@@ -80,3 +85,24 @@ def test_memory_verdict_and_plan_come_before_any_data_is_read(tmp_path, caplog):
         train.train_and_evaluate(config, str(tmp_path))
     assert not (tmp_path / "data").exists()  # the embedded world was never rendered
     assert any(record.getMessage().startswith("plan: clip (tiny) with ") for record in caplog.records)
+
+
+def test_sigterm_while_the_world_renders_stops_within_seconds_leaving_nothing(tmp_path):
+    config = tiny_config()
+    config.data.train_size = 500_000  # minutes of rendering
+    sent = {}
+
+    def send_when_rendering():
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "data").glob(".world-*.partial")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sent["at"] = time.monotonic()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=send_when_rendering, daemon=True).start()
+    with pytest.raises(preemption.Interrupted, match="received SIGTERM while reading the data"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert time.monotonic() - sent["at"] < 5
+    world_root = tmp_path / "data"
+    assert not world_root.exists() or list(world_root.iterdir()) == []  # the staged world was removed
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
