@@ -21,6 +21,7 @@ from vlp_jax.evaluate.context import EvalContext
 from vlp_jax.evaluate.run import EVAL_DIR, Evaluations
 from vlp_jax.evaluate.scope import eval_scope
 from vlp_jax.flops import mfu
+from vlp_jax.optimizer import learning_rate_schedule
 from vlp_jax.preemption import Preempted, StopSignal
 from vlp_jax.state import TrainState, count_params
 
@@ -50,12 +51,26 @@ def restore_or_init(run: step.Setup, checkpointer: Checkpointer, batches, config
     if latest is not None:
         state, data_state = checkpointer.restore(latest, target, config)
         batches.set_state(data_state)
+        log_schedule_change(checkpointer.saved_config(latest), config, latest)
         logging.info("resumed from %s (step %d, data position %s)", checkpointer.directory / str(latest), latest,
                      data_state)
         return state
     if config.init_from:
         return run.state.replace(params=checkpoint.warm_start(run.state.params, config))
     return run.state
+
+
+def log_schedule_change(saved: dict, config: ml_collections.ConfigDict, step_number: int) -> None:
+    """A resumed run whose train.steps changed extends (or shortens) the run: the cosine schedule is stretched to
+    the new length, so the learning rate jumps; said in one warning with the figures."""
+    before = saved["train"]["steps"]
+    if before == config.train.steps:
+        return
+    old = learning_rate_schedule(ml_collections.ConfigDict({**config.train.to_dict(), "steps": before}))
+    new = learning_rate_schedule(config.train)
+    logging.warning("train.steps changed %d -> %d on resume: taken as an intended change of the run's length; the "
+                    "learning-rate schedule is re-stretched, so at step %d it goes from %.3g to %.3g", before,
+                    config.train.steps, step_number, float(old(step_number)), float(new(step_number)))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None):

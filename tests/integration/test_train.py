@@ -1,6 +1,7 @@
 """End to end on the embedded world: the loss falls, runs are reproducible, metrics are written, OOM fails fast."""
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -106,3 +107,14 @@ def test_sigterm_while_the_world_renders_stops_within_seconds_leaving_nothing(tm
     world_root = tmp_path / "data"
     assert not world_root.exists() or list(world_root.iterdir()) == []  # the staged world was removed
     assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
+
+
+def test_changing_train_steps_on_resume_is_logged_with_the_learning_rate_jump(tiny_run, tmp_path, caplog):
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], workdir)
+    config = tiny_config(steps=60)
+    config.eval.final = False
+    with caplog.at_level("WARNING"):
+        train.train_and_evaluate(config, str(workdir), stop_after=1)
+    warning = [r.getMessage() for r in caplog.records if "train.steps changed" in r.getMessage()]
+    assert len(warning) == 1 and "30 -> 60 on resume" in warning[0] and "at step 30 it goes from 0 to" in warning[0]
