@@ -3,16 +3,20 @@
 A checkpoint directory is `<workdir>/checkpoints/<step>/` with three items: `state` (the TrainState pytree, restored
 directly into the current mesh's shardings, so a run saved on 8 devices resumes on 4 or on (2, 2, 2)), `data`
 (the iterator's JSON state) and `config` (JSON). Orbax writes into a temporary directory and renames it when
-complete, so a partially written checkpoint is never listed, never restored.
+complete, so a partially written checkpoint is never listed, never restored. `restore_latest` moves a listed but
+damaged one (truncated or deleted files) aside to `<workdir>/checkpoints_damaged/` and resumes from the newest that
+restores. A save that runs out of disk space raises one DiskFullError.
 
 `load_params` is the one partial reader of other runs (warm starts, tokenizers, teachers): it reads the selected
 leaves of the state's `params` or `extra` as host arrays, never the optimizer state.
 """
 
 import dataclasses
+import errno
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterable
 from typing import Any
 
@@ -22,6 +26,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
+
+from vlp_jax.memory import format_bytes
 
 # Config keys that may change between a checkpoint and its resumption: they never change the trained numbers
 # (the data loader's worker/prefetch settings included: the data order does not depend on them; nor the eval set,
@@ -33,6 +40,7 @@ ITEMS = ("state", "data", "config")
 # save slices every replicated array on its device first, an op compiled per shape: a model's first save blocked
 # training for 10.7 s for 1.4 MiB of small tiny-model arrays (4 s for 62 arrays; 0.06 s with this threshold).
 REPLICA_PARALLEL_MIN_BYTES = 1 << 20
+DAMAGED_DIR = "checkpoints_damaged"  # beside <workdir>/checkpoints: outside orbax's step listing
 
 
 def _register_array_handler() -> None:
@@ -44,6 +52,30 @@ def _register_array_handler() -> None:
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class DiskFullError(CheckpointError):
+    """A checkpoint save ran out of disk space; the message names the directory, the space needed and free."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error`, or any exception it wraps (cause, context, group), is ENOSPC: orbax's async saves raise
+    the writer thread's OSError, or tensorstore's error quoting it, wrapped in their own."""
+    pending, seen = [error], set()
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error):
+            return True
+        pending += [error.__cause__, error.__context__, *getattr(error, "exceptions", ())]
+    return False
+
+
+def summary(error: BaseException, limit: int = 200) -> str:
+    """'Type: first line of the message', at most `limit` characters: an error quoted in one log line."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"[:limit]
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, object]:
@@ -86,21 +118,21 @@ class Checkpointer:
         )
         _register_array_handler()
         self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+        self.state_bytes = 0  # the size of the last state saved: what a checkpoint needs on disk
+        self.disk_full: DiskFullError | None = None  # raised once; later waits and the close do not repeat it
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict, config: ml_collections.ConfigDict) -> None:
         """Starts an asynchronous save; the next save or `wait()` blocks until it is committed."""
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_state),
-                config=ocp.args.JsonSave(config_as_json(config)),
-            ),
-            force=True,
+        self.state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(config_as_json(config)),
         )
+        self.writing(lambda: self.manager.save(step, args=args, force=True))
 
     def saved_config(self, step: int) -> dict:
         """The run config saved with `step`, as JSON."""
@@ -126,11 +158,84 @@ class Checkpointer:
         )
         return restored["state"], restored["data"]
 
+    def restore_latest(self, abstract_state, config: ml_collections.ConfigDict) -> tuple[int, Any, dict] | None:
+        """(step, state, data_state) of the newest checkpoint that restores, None when there is none. Newer ones that
+        fail (truncated or missing files) are moved aside, not deleted; config differences raise as in `restore`.
+        When none restores, nothing is moved: the same failure on every step is more likely other code than damage."""
+        damaged: list[tuple[int, Exception]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state, data_state = self.restore(step, abstract_state, config)
+            except CheckpointError:
+                raise
+            except Exception as error:  # any other failure to read a listed step is damage
+                damaged.append((step, error))
+                continue
+            if damaged:
+                self.set_aside(damaged, step)
+            return step, state, data_state
+        if not damaged:
+            return None
+        raise CheckpointError(
+            f"none of the {len(damaged)} checkpoints in {self.directory} can be restored (step {damaged[0][0]}: "
+            f"{summary(damaged[0][1])}); move {self.directory} aside (e.g. to {self.directory.parent / DAMAGED_DIR}) "
+            "to start afresh, or pass a new --workdir")
+
+    def set_aside(self, damaged: list[tuple[int, Exception]], fallback: int) -> None:
+        """Moves the damaged step directories to <workdir>/checkpoints_damaged/, re-lists the steps and says so in
+        one warning, with how many steps will be redone."""
+        aside_root, moves = self.directory.parent / DAMAGED_DIR, []
+        for step, error in damaged:
+            source, target, copy = self.directory / str(step), aside_root / str(step), 0
+            while target.exists():  # the same step was damaged in an earlier rerun
+                copy += 1
+                target = aside_root / f"{step}.{copy}"
+            if jax.process_index() == 0:
+                aside_root.mkdir(parents=True, exist_ok=True)
+                source.rename(target)
+            moves.append(f"{source} ({summary(error)}) moved aside to {target}")
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("vlp_jax_checkpoints_set_aside")
+        self.manager.reload()  # orbax caches its step list
+        logging.warning("damaged checkpoint: %s; resuming from step %d (%s): %d step(s) will be redone",
+                        "; ".join(moves), fallback, self.directory / str(fallback), damaged[0][0] - fallback)
+
+    def writing(self, action) -> None:
+        """Runs a save or wait; a full disk becomes one DiskFullError, raised once."""
+        if self.disk_full is not None:
+            return
+        try:
+            action()
+        except Exception as error:
+            if not is_disk_full(error):
+                raise
+            self.disk_full = self.disk_full_error()
+            raise self.disk_full from None
+
+    def disk_full_error(self) -> DiskFullError:
+        self.manager.reload()  # the failed step is not listed: the last complete one is
+        last = self.manager.latest_step()
+        try:
+            free = format_bytes(shutil.disk_usage(self.directory).free)
+        except OSError:
+            free = "an unknown amount"  # a remote URI (gs://...)
+        kept = "no complete checkpoint yet" if last is None else f"{self.directory / str(last)} (step {last})"
+        return DiskFullError(
+            f"no space left on device saving a checkpoint in {self.directory}: it needs about "
+            f"{format_bytes(self.state_bytes)} ({self.state_bytes:,} bytes) and {free} is free. The last complete "
+            f"checkpoint is {kept}; a rerun resumes there. Free space (or lower --config.checkpoint.keep), or pass "
+            "a --workdir on a larger disk"
+        )
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self.writing(self.manager.wait_until_finished)
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self.manager.close()
+        except Exception:
+            if self.disk_full is None:  # after a full disk, orbax raises the failed save again on closing
+                raise
 
 
 def absolute(path: str | epath.Path) -> epath.Path:

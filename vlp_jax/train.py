@@ -47,9 +47,9 @@ def restore_or_init(run: step.Setup, checkpointer: Checkpointer, batches, config
     """Resumes from the workdir's latest complete checkpoint, else warm-starts what `config.init_from` and
     `config.init` select (checkpoint.warm_start)."""
     target = abstract_like(run.state, run.shardings)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        state, data_state = checkpointer.restore(latest, target, config)
+    restored = checkpointer.restore_latest(target, config)  # a damaged latest step is moved aside
+    if restored is not None:
+        latest, state, data_state = restored
         batches.set_state(data_state)
         log_schedule_change(checkpointer.saved_config(latest), config, latest)
         logging.info("resumed from %s (step %d, data position %s)", checkpointer.directory / str(latest), latest,
