@@ -118,7 +118,10 @@ def base_config(size: str) -> ml_collections.ConfigDict:
             world=world,
             train_size=scale["n_train"],  # embedded-world scenes per split
             eval_size=1_000,
-            world_dir="",  # where the world's shards are cached; empty = <workdir>/data
+            # "lazy": each scene rendered when its record is read (nothing written up front); "shards": the world
+            # written once as ArrayRecord shards under world_dir and read back (data/world_shards.py).
+            world_storage="lazy",
+            world_dir="",  # where world_storage="shards" caches the world; empty = <workdir>/data
             # Eval records whose labels[group_label] are equal show the same content (e.g. one emoji in several
             # art styles): retrieval counts any of them as a hit. Empty = every image is its own group.
             group_label="",

@@ -91,6 +91,7 @@ EXIT_CODES = (
     (FloatingPointError, 7),
     (PermissionError, 4),
     (FileNotFoundError, 3),
+    ("ShardError", 3),  # a shard that cannot be read (truncated, corrupt): the input is not there as named
     (ValueError, 2),
 )
 

@@ -86,19 +86,38 @@ def finished(run_dir: epath.Path, config: ml_collections.ConfigDict) -> bool:
     return latest is not None and latest >= config.train.steps
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: epath.PathLike, train_fn: Callable | None):
+def prepare(config: ml_collections.ConfigDict, workdir: epath.PathLike, train_fn: Callable | None,
+            preflight: Callable | None = None):
     """Runs or reuses every declared stage and returns the config with each stage's output key set.
 
-    `train_fn(stage_config, stage_workdir)` trains a stage; None (evaluation) only accepts finished stages.
+    `train_fn(stage_config, stage_workdir)` trains a stage; None (evaluation) only accepts finished stages. Before
+    any stage trains, one line lays out the whole run, and `preflight(config)` checks the final stage with every
+    stage output an untrained stand-in (RANDOM): its plan and memory verdict come in seconds, before hours of
+    stage training, and an oversized run fails there.
     """
     stages = [stage for stage in declared(config) if not get_key(config, stage.output)]
     if not stages:
         return config
     config = config.copy_and_resolve_references()
-    for number, stage in enumerate(stages, start=1):
-        stage_dir = epath.Path(workdir) / stage.name
-        stage_config = stage.make_config(config)
-        if not finished(stage_dir, stage_config):
+    planned = [(stage, epath.Path(workdir) / stage.name, stage.make_config(config)) for stage in stages]
+    to_train = [number for number, (_, stage_dir, stage_config) in enumerate(planned, start=1)
+                if not finished(stage_dir, stage_config)]
+    parts = [f"{number}/{len(stages) + 1} {stage.description} ({stage_config.method.name}, "
+             f"{stage_config.train.steps} steps x batch {stage_config.train.batch_size}"
+             f"{'' if number in to_train else ', finished: reused'})"
+             for number, (stage, _, stage_config) in enumerate(planned, start=1)]
+    parts.append(f"{len(stages) + 1}/{len(stages) + 1} {config.method.name} ({config.train.steps} steps x batch "
+                 f"{config.train.batch_size})")
+    logging.info("run: %d stages: %s", len(stages) + 1, "; ".join(parts))
+    if to_train and train_fn is not None and preflight is not None:
+        stand_in = config.copy_and_resolve_references()
+        for stage in stages:
+            set_key(stand_in, stage.output, RANDOM)
+        logging.info("stage %d/%d checked first (its stage outputs untrained stand-ins)", len(stages) + 1,
+                     len(stages) + 1)
+        preflight(stand_in)
+    for number, (stage, stage_dir, stage_config) in enumerate(planned, start=1):
+        if number in to_train:
             if train_fn is None:
                 raise FileNotFoundError(
                     f"{stage_dir} holds no finished {stage.description} (stage {stage.name!r}); train the run first "

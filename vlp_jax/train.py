@@ -82,23 +82,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
     """
     with StopSignal() as stop_signal:  # from the start: a signal during setup or compilation stops after step 1
         workdir = prepare_workdir(workdir)
-        config = stages.prepare(config, workdir, train_and_evaluate)  # e.g. COTS's visual tokenizer
+        # e.g. COTS's visual tokenizer; the final stage's plan and memory verdict come first (preflight)
+        config = stages.prepare(config, workdir, train_and_evaluate, preflight=preflight)
         return _train(config, workdir, stop_after, stop_signal)
 
 
-def _train(config, workdir: epath.Path, stop_after: int | None, stop_signal: StopSignal):
-    eval_run.declared(config)  # a misnamed evaluator fails before anything is built
-    scope = eval_scope(config)
+def preflight(config: ml_collections.ConfigDict) -> tuple[step.Setup, object, float, dict]:
+    """The run's plan line and its step compiled from the method's declared example, before any data is read:
+    a step that cannot fit fails in seconds (MemoryError). Returns (setup, compiled step, FLOPs per step, the
+    abstract example batch)."""
+    evaluators = eval_run.declared(config)  # a misnamed evaluator fails before anything is built
+    pipeline.check_paths(config)  # so does a data source or tokenizer that does not exist
     run = step.setup(config)
     mesh = run.mesh
     logging.info("plan: %s (%s) with %s parameters | mesh %s over %d %s devices | data %s | %d steps x batch %d "
                  "| evaluators %s", config.method.name, config.get("size", "custom"),
                  f"{count_params(run.state.params):,}", dict(mesh.shape), mesh.size, jax.devices()[0].platform,
                  config.data.train_sources, config.train.steps, config.train.batch_size,
-                 ", ".join(eval_run.declared(config)) or "none")
-    # Compiled from the declared example before any data is read: a step that cannot fit fails in seconds.
+                 ", ".join(evaluators) or "none")
     example = step.abstract_batch(run.method.example_batch(config), config.train.batch_size, mesh)
     compiled, flops_per_step = _compile(run, example, config)
+    return run, compiled, flops_per_step, example
+
+
+def _train(config, workdir: epath.Path, stop_after: int | None, stop_signal: StopSignal):
+    scope = eval_scope(config)
+    run, compiled, flops_per_step, example = preflight(config)
+    mesh = run.mesh
     with stop_signal.immediate("reading the data (rendering the world, training the text tokenizer)"):
         data = pipeline.load(config, workdir, features=run.method.features(config),
                              eval_limit=scope.read_limit(config.eval.subset_size))

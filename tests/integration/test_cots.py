@@ -1,5 +1,9 @@
 """BriVL and COTS methods: sharded = single-device, queue identical across meshes, the tokenizer stage, errors."""
 
+import os
+import signal
+import threading
+import time
 
 import flax.linen as nn
 import jax
@@ -10,7 +14,7 @@ import pytest
 
 from configs import brivl, cots
 from tests.helpers import small_towers
-from vlp_jax import methods, parallel, stages, step
+from vlp_jax import methods, parallel, preemption, stages, step, train
 from vlp_jax.methods.cots import CotsMethod
 
 
@@ -99,6 +103,49 @@ def test_cots_trains_its_tokenizer_stage_first_then_logs_every_term(trained_runs
     # A finished stage is reused, and the config then names it.
     again = stages.prepare(config, tmp_path, train_fn=None)
     assert again.method.mvm.tokenizer == str(tmp_path / "tokenizer")
+
+
+def test_an_oversized_staged_run_is_refused_before_its_first_stage_trains(tmp_path, caplog):
+    """The whole run is laid out in one line, and the final stage's memory verdict comes before the tokenizer
+    stage trains: an oversized COTS run fails in seconds, not after its stage."""
+    config = small_towers(cots.get_config("tiny"))
+    config.data.train_size = 64
+    config.train.device_memory_bytes = 1024
+    with caplog.at_level("INFO"), pytest.raises(MemoryError, match="per device"):
+        train.train_and_evaluate(config, str(tmp_path))
+    messages = [record.getMessage() for record in caplog.records]
+    run_line = next(message for message in messages if message.startswith("run: 2 stages: "))
+    assert "1/2 visual tokenizer (vq, " in run_line and "2/2 cots (" in run_line
+    assert any(message.startswith("plan: cots (tiny) with ") for message in messages)
+    assert not any(message.startswith("stage 1/2: training") for message in messages)
+    assert not (tmp_path / "tokenizer").exists()  # nothing trained, nothing written
+
+
+def test_sigterm_during_the_tokenizer_stage_saves_it_and_stops_within_seconds(tmp_path):
+    """A preemption while the COTS run trains its tokenizer stage saves the stage's step in flight and stops the
+    whole run (Preempted: exit 75 from the command line); the stage's checkpoint is complete, nothing is staged."""
+    config = small_towers(cots.get_config("tiny"))
+    config.data.train_size = 64
+    config.train.update(dict(steps=2000, log_every=1))
+    config.method.mvm.update(dict(tokenizer_steps=1000, tokenizer_batch_size=16))
+    sent = {}
+
+    def send_once_the_stage_trains():
+        deadline = time.monotonic() + 240
+        metrics = tmp_path / "tokenizer" / "metrics.jsonl"
+        while not (metrics.exists() and metrics.stat().st_size) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sent["at"] = time.monotonic()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=send_once_the_stage_trains, daemon=True).start()
+    with pytest.raises(preemption.Preempted, match="received SIGTERM: saved step") as stopped:
+        train.train_and_evaluate(config, str(tmp_path))
+    assert time.monotonic() - sent["at"] < 5
+    assert 1 <= stopped.value.step < 1000
+    saved = tmp_path / "tokenizer" / "checkpoints"
+    assert [path.name for path in saved.iterdir()] == [str(stopped.value.step)]  # complete, nothing staged
+    assert not (tmp_path / "checkpoints").exists()  # the COTS stage never started
 
 
 def test_cots_refuses_a_tokenizer_with_another_patch_grid(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 
 from configs import clip
 from tests.helpers import tiny_config
+from vlp_jax.data import records, synthetic
 from vlp_jax.evaluate import run as eval_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,6 +31,9 @@ def error_lines(stderr: str) -> list[str]:
         (["--config.train.steps=0"], 2, "config.train.steps=0 must be positive"),
         (["--workdir={tmp}/file/run"], 4, "--workdir={tmp}/file/run is not writable"),
         (["--mode=eval", "--workdir={tmp}/empty"], 3, "is neither a run directory"),
+        (["--config.mesh.data=3"], 2, "needs 3 devices but 8 are available. Set --config.mesh.data=-1"),
+        (["--config.data.train_sources={tmp}/shards"], 3, "config.data.train_sources: {tmp}/shards does not exist"),
+        (["--config.data.tokenizer.path={tmp}/tok.model"], 3, "tokenizer model {tmp}/tok.model does not exist"),
     ],
 )
 def test_runtime_errors_are_one_line_with_their_exit_code(tmp_path, args, code, message):
@@ -42,6 +46,23 @@ def test_runtime_errors_are_one_line_with_their_exit_code(tmp_path, args, code, 
     lines = error_lines(result.stderr)
     assert len(lines) == 1 and message.format(tmp=tmp_path) in lines[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_a_truncated_shard_is_one_line_naming_it(tmp_path):
+    world = tiny_config().data.world
+    records.write_records(synthetic.split_records(world, "train", 4), tmp_path / "shards", "train", 4)
+    [shard] = (tmp_path / "shards").glob("train-*.array_record")
+    size = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[: size // 2])
+    # Named by its dataset directory, the manifest's size check finds it; named by itself, opening it does.
+    for source, code, message in [
+        (tmp_path / "shards", 2, f"shard {shard} has {size // 2} bytes but manifest.json says {size}"),
+        (shard, 3, f"shard {shard} is not a readable ArrayRecord file"),
+    ]:
+        result = run_main(f"--config.data.train_sources={source}", f"--workdir={tmp_path}/run")
+        lines = error_lines(result.stderr)
+        assert result.returncode == code and len(lines) == 1, result.stderr[-2000:]
+        assert message in lines[0] and "Traceback" not in result.stderr
 
 
 def test_debug_shows_the_traceback(tmp_path):

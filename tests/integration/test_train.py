@@ -90,6 +90,7 @@ def test_memory_verdict_and_plan_come_before_any_data_is_read(tmp_path, caplog):
 
 def test_sigterm_while_the_world_renders_stops_within_seconds_leaving_nothing(tmp_path):
     config = tiny_config()
+    config.data.world_storage = "shards"  # written up front (the lazy default renders nothing before reading)
     config.data.train_size = 500_000  # minutes of rendering
     sent = {}
 

@@ -14,7 +14,7 @@ from tests.helpers import tiny_config
 from vlp_jax.data import examples, loader, pipeline, records, sources, synthetic, tokenizer, train_stream, transforms
 from vlp_jax.data.records import ImageTextRecord
 from vlp_jax.data.skips import SkipLog, Skipped
-from vlp_jax.data.world_shards import cached_shards
+from vlp_jax.data.world_shards import WorldSource, cached_shards
 
 SIZE = 8  # image side of these tests' records and batches
 MAX_LEN = 12
@@ -464,16 +464,40 @@ def test_world_shards_are_cached_by_config(tmp_path):
         assert record.captions == captions and record.boxes.shape == (3, 4) and record.labels is None
 
 
-def test_world_size_does_not_depend_on_train_steps(tmp_path):
+@pytest.mark.parametrize("storage", ["lazy", "shards"])
+def test_world_size_does_not_depend_on_train_steps(tmp_path, storage):
     """A resumed run may change train.steps: the world's training split stays the same records."""
     splits = []
     for steps in (1, 1000):
         config = tiny_config(steps=steps, batch_size=16)
         config.data.train_size, config.data.eval_size = 64, 8
-        [spec] = pipeline.resolve_specs(config, "train", tmp_path / f"steps-{steps}")
-        splits.append(list(records.read_split(spec.location, "train")))
+        config.data.world_storage = storage
+        [part], _ = pipeline.open_sources(config, "train", tmp_path / f"steps-{steps}")
+        splits.append([part[index].record for index in range(len(part))])
     assert len(splits[0]) == len(splits[1]) == 64  # 1 step x 16 would have capped it at 16
     assert splits[0] == splits[1]
+    assert (tmp_path / "steps-1" / "data").exists() == (storage == "shards")  # lazy writes nothing
+
+
+def test_the_lazy_world_holds_the_records_of_its_shards(tmp_path):
+    """Rendered on demand or read back from the cached shards, a world (noisy pairs included) is the same records,
+    byte for byte; its captions come without rendering."""
+    world = synthetic.default_config()
+    world.noise_fraction = 0.3
+    lazy = WorldSource(world, "train", 24)
+    stored = list(records.read_split(cached_shards(world, {"train": 24}, tmp_path), "train"))
+    assert [lazy[index].record for index in range(24)] == stored
+    assert [lazy.captions_at(index) for index in range(24)] == [record.captions for record in stored]
+    assert sum(record.labels["noisy"] for record in stored) > 0
+    with pytest.raises(IndexError, match="scene 24 of a 24-scene train split"):
+        lazy[24]
+
+
+def test_an_unknown_world_storage_names_the_flag(tmp_path):
+    config = tiny_config()
+    config.data.world_storage = "disk"
+    with pytest.raises(ValueError, match="config.data.world_storage='disk'; use one of lazy, shards"):
+        pipeline.open_sources(config, "train", tmp_path)
 
 
 def test_eval_image_groups_come_from_the_group_label(tmp_path, word_tokenizer):

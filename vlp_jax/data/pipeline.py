@@ -15,14 +15,14 @@ from etils import epath
 from vlp_jax.data import examples, sources, transforms, world_shards
 from vlp_jax.data.dataset import PairDataset
 from vlp_jax.data.loader import LoaderOptions, read_pairs
-from vlp_jax.data.tokenizer import Tokenizer, train_tokenizer
+from vlp_jax.data.tokenizer import Tokenizer, check_model, train_tokenizer
 from vlp_jax.data.train_stream import TrainIterator, TrainSource
 
 __all__ = ["Data", "LoaderOptions", "PairDataset", "TrainIterator", "load", "load_eval", "load_tokenizer",
-           "open_sources", "resolve_specs"]
+           "open_sources"]
 
 TOKENIZER_FILE = "tokenizer.model"  # in the workdir, when config.data.tokenizer.path is empty
-WORLD_DIR = "data"  # the embedded world's shards go to <workdir>/data unless config.data.world_dir is set
+WORLD_DIR = "data"  # world_storage="shards" writes the world to <workdir>/data unless config.data.world_dir is set
 
 
 @dataclasses.dataclass
@@ -34,29 +34,35 @@ class Data:
     tokenizer: Tokenizer
 
 
-def resolve_specs(config: ml_collections.ConfigDict, split: str, workdir: epath.PathLike) -> list[sources.SourceSpec]:
-    """The parsed `config.data.<split>_sources`, with 'synthetic' replaced by the world's cached shard directory."""
-    data = config.data
-    flag = f"config.data.{split}_sources"
-    specs = sources.parse_specs(data[f"{split}_sources"], split, flag)
-    if any(spec.location == sources.SYNTHETIC for spec in specs):
-        root = epath.Path(data.world_dir) if data.world_dir else epath.Path(workdir) / WORLD_DIR
-        # The world's size is the config's alone (never train.steps): a resumed run reads the same training set.
-        world_dir = world_shards.cached_shards(data.world, {"train": data.train_size, "eval": data.eval_size}, root)
-        specs = [dataclasses.replace(s, location=str(world_dir)) if s.location == sources.SYNTHETIC else s
-                 for s in specs]
-    return specs
-
-
 def open_sources(config: ml_collections.ConfigDict, split: str, workdir: epath.PathLike) -> tuple[list, list[float]]:
-    """The random-access sources of `config.data.<split>_sources` and their weights."""
-    flag = f"config.data.{split}_sources"
-    specs = resolve_specs(config, split, workdir)
-    parts = [sources.open_source(spec, flag, config.data.tfds) for spec in specs]
+    """The random-access sources of `config.data.<split>_sources` and their weights; 'synthetic' is the embedded
+    world (world_shards.open_world). The world's size is the config's alone (never train.steps): a resumed run
+    reads the same training set."""
+    data, flag = config.data, f"config.data.{split}_sources"
+    specs = sources.parse_specs(data[f"{split}_sources"], split, flag)
+    root = epath.Path(data.world_dir) if data.world_dir else epath.Path(workdir) / WORLD_DIR
+    parts = [world_shards.open_world(data, spec.split, root) if spec.location == sources.SYNTHETIC
+             else sources.open_source(spec, flag, data.tfds) for spec in specs]
     for spec, part in zip(specs, parts, strict=True):
         if not len(part):
             raise ValueError(f"{flag}: {spec.location} (split {spec.split}) holds no record")
     return parts, [spec.weight for spec in specs]
+
+
+def check_paths(config: ml_collections.ConfigDict) -> None:
+    """Fails in an instant, before anything is compiled or rendered, when a data source or the tokenizer named in
+    `config.data` does not exist (FileNotFoundError naming the flag). Only existence: shards are opened later."""
+    data = config.data
+    for split in ("train", "eval"):
+        flag = f"config.data.{split}_sources"
+        for spec in sources.parse_specs(data[f"{split}_sources"], split, flag):
+            if spec.location != sources.SYNTHETIC and not spec.location.startswith(sources.TFDS_PREFIX):
+                try:
+                    sources.glob_paths(spec.location)
+                except FileNotFoundError as error:
+                    raise FileNotFoundError(f"{flag}: {error}") from error
+    if data.tokenizer.path:
+        check_model(data.tokenizer.path)
 
 
 def load_tokenizer(config: ml_collections.ConfigDict, workdir: epath.PathLike, train_parts: list) -> Tokenizer:

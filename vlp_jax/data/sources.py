@@ -191,14 +191,20 @@ def open_source(spec: SourceSpec, flag: str, tfds_config: ml_collections.ConfigD
 
 
 def source_captions(opened: list, limit: int = 0) -> Iterator[str]:
-    """The non-empty captions of the sources' readable records, in order; at most ``limit`` (0 = all)."""
+    """The non-empty captions of the sources' readable records, in order; at most ``limit`` (0 = all). A source
+    with `captions_at(index)` (the embedded world) gives them without decoding its images."""
     count = 0
     for source in opened:
+        captions_at = getattr(source, "captions_at", None)
         for index in range(len(source)):
-            item = source[index]
-            if not isinstance(item, Located):
-                continue
-            for caption in item.record.captions:
+            if captions_at is not None:
+                captions = captions_at(index)
+            else:
+                item = source[index]
+                if not isinstance(item, Located):
+                    continue
+                captions = item.record.captions
+            for caption in captions:
                 if caption.strip():
                     yield caption
                     count += 1

@@ -10,8 +10,9 @@ Noisy pairs: with ``world.noise_fraction`` > 0, about that fraction of TRAIN sce
 random train scene (eval scenes never do); the flag is kept as ground truth (``SyntheticSplit.noisy``, and
 ``labels={"noisy": ...}`` in the records), for methods that filter noisy pairs to report how well they do.
 
-The pipeline reads the world like any other dataset: world_shards.py writes `split_records` once as ArrayRecord
-shards (PNG images, every caption, boxes and tags) in a directory keyed by the world config, and reuses them.
+The pipeline reads the world like any other dataset of records (PNG images, every caption, boxes and tags):
+rendered on demand as records are read (`SceneRecords`, the default), or written once as ArrayRecord shards in a
+directory keyed by the world config and reused (world_shards.py, `config.data.world_storage="shards"`).
 
 Never flip these images horizontally in a pipeline: a flip contradicts every left/right caption.
 """
@@ -144,24 +145,76 @@ def make_split(world: ml_collections.ConfigDict, split: str, num: int) -> Synthe
     )
 
 
+def noisy_partners(world: ml_collections.ConfigDict, split: str, num: int) -> np.ndarray:
+    """int64 [num]: the scene whose captions scene i carries, i itself unless it is a noisy pair.
+
+    With ``world.noise_fraction`` > 0, train scene i is noisy when the i-th draw of its own stream falls below the
+    fraction, so the flags of the first scenes do not depend on how many are generated; its partner is uniform
+    among the other scenes. O(num) draws, no scene generated: random access reads it once per split.
+    """
+    partners = np.arange(num, dtype=np.int64)
+    if split != "train" or world.noise_fraction <= 0 or num < 2:
+        return partners
+    rng = np.random.default_rng((world.seed, _NOISY_PAIR_STREAM))
+    noisy = rng.random(num) < world.noise_fraction
+    shifts = 1 + (rng.random(num) * (num - 1)).astype(np.int64)  # in [1, n - 1]: never itself
+    partners[noisy] = (partners[noisy] + shifts[noisy]) % num
+    return partners
+
+
 def noisy_captions(
     scenes: list[Scene], world: ml_collections.ConfigDict, split: str
 ) -> tuple[list[list[str]], np.ndarray]:
-    """Each scene's captions, with a ``world.noise_fraction`` share of train scenes given another scene's.
+    """Each scene's captions (another scene's for a noisy pair, noisy_partners) and the noisy flags."""
+    partners = noisy_partners(world, split, len(scenes))
+    return [list(scenes[partner].captions) for partner in partners], partners != np.arange(len(scenes))
 
-    Scene i is noisy when the i-th draw of its own stream falls below the fraction, so the flags of the first
-    scenes do not depend on how many are generated; its partner is uniform among the other scenes.
-    """
-    captions = [list(scene.captions) for scene in scenes]
-    noisy = np.zeros(len(scenes), bool)
-    if split != "train" or world.noise_fraction <= 0 or len(scenes) < 2:
-        return captions, noisy
-    rng = np.random.default_rng((world.seed, _NOISY_PAIR_STREAM))
-    noisy = rng.random(len(scenes)) < world.noise_fraction
-    shifts = 1 + (rng.random(len(scenes)) * (len(scenes) - 1)).astype(np.int64)  # in [1, n - 1]: never itself
-    for index in np.flatnonzero(noisy):
-        captions[index] = list(scenes[(index + shifts[index]) % len(scenes)].captions)
-    return captions, noisy
+
+class SceneRecords:
+    """Random access to the records of ``num`` scenes of ``split`` (those `split_records` yields, byte for byte):
+    record i is generated and rendered when it is read, so a run renders only the scenes it reads and writes
+    nothing. About 9 ms per 224 px scene (0.6 ms at 32 px) on one core; captions alone (`captions`) take 0.3 ms.
+    Picklable: grain worker processes get a copy."""
+
+    def __init__(self, world: ml_collections.ConfigDict, split: str, num: int):
+        self.world = ml_collections.ConfigDict(world.to_dict())  # a private copy: later config edits never leak in
+        self.split, self.num = split, num
+        self.rules = _Rules.from_world(self.world)
+        self.split_code = _split_code(split)
+        self.partners = noisy_partners(self.world, split, num)
+        self.carries_flag = split == "train" and self.world.noise_fraction > 0
+
+    def __len__(self) -> int:
+        return self.num
+
+    def scene(self, index: int) -> Scene:
+        if not 0 <= index < self.num:
+            raise IndexError(f"scene {index} of a {self.num}-scene {self.split} split")
+        return _generate_scene(self.rules, self.split_code, index)
+
+    def captions(self, index: int) -> list[str]:
+        """The captions record `index` carries (its partner's for a noisy pair), without rendering."""
+        return list(self.scene(int(self.partners[index])).captions)
+
+    def __getitem__(self, index: int) -> records.ImageTextRecord:
+        scene = self.scene(index)
+        return self.record(index, scene, _render_chunk([scene], self.world)[0])
+
+    def record(self, index: int, scene: Scene, image: np.ndarray) -> records.ImageTextRecord:
+        """Scene `index`'s record from its rendered image: a lossless PNG, all captions, boxes, tags, the noisy
+        flag (stored only when the world makes noise, so only then does the pipeline emit ``batch["noisy"]``)."""
+        encoded = io.BytesIO()
+        Image.fromarray(image).save(encoded, "PNG", compress_level=self.world.png_compress_level)
+        partner = int(self.partners[index])
+        return records.ImageTextRecord(
+            id=str(scene.id),
+            image=encoded.getvalue(),
+            captions=list(scene.captions) if partner == index else self.captions(index),
+            boxes=np.array([obj.box for obj in scene.objects], np.float32),
+            tags=[obj.tag for obj in scene.objects],
+            split=self.split,
+            labels={"noisy": partner != index} if self.carries_flag else None,
+        )
 
 
 def _rendered_chunks(scenes: list[Scene], world: ml_collections.ConfigDict) -> Iterator[tuple[int, np.ndarray]]:
@@ -172,29 +225,12 @@ def _rendered_chunks(scenes: list[Scene], world: ml_collections.ConfigDict) -> I
 
 
 def split_records(world: ml_collections.ConfigDict, split: str, num: int) -> Iterator[records.ImageTextRecord]:
-    """The records of ``num`` scenes of ``split``: lossless PNG images, all captions, boxes, tags, noisy flags.
-
-    The noisy flag is stored (``labels={"noisy": ...}``) only when the world makes noise, so only then does the
-    pipeline emit ``batch["noisy"]``.
-    """
+    """The records of ``num`` scenes of ``split`` in order (SceneRecords), rendered in bounded chunks."""
+    source = SceneRecords(world, split, num)
     scenes = generate_scenes(world, split, num)
-    captions, noisy = noisy_captions(scenes, world, split)
-    carries_flag = split == "train" and world.noise_fraction > 0
     for start, images in _rendered_chunks(scenes, world):
         for offset, image in enumerate(images):
-            index = start + offset
-            scene = scenes[index]
-            encoded = io.BytesIO()
-            Image.fromarray(image).save(encoded, "PNG", compress_level=world.png_compress_level)
-            yield records.ImageTextRecord(
-                id=str(scene.id),
-                image=encoded.getvalue(),
-                captions=captions[index],
-                boxes=np.array([obj.box for obj in scene.objects], np.float32),
-                tags=[obj.tag for obj in scene.objects],
-                split=split,
-                labels={"noisy": bool(noisy[index])} if carries_flag else None,
-            )
+            yield source.record(start + offset, scenes[start + offset], image)
 
 
 def caption_vocabulary(world: ml_collections.ConfigDict) -> list[str]:

@@ -24,16 +24,22 @@ from etils import epath
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
+def check_model(model_path: str | epath.Path) -> epath.Path:
+    """The model file's path; FileNotFoundError naming config.data.tokenizer.path when it does not exist."""
+    path = epath.Path(model_path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"tokenizer model {path} does not exist; set config.data.tokenizer.path to a sentencepiece "
+            "model, or leave it empty to train one from the training captions"
+        )
+    return path
+
+
 class Tokenizer:
     """Wraps a sentencepiece model file; `encode` returns int32 [n, max_len] ready for the text tower."""
 
     def __init__(self, model_path: str | epath.Path):
-        path = epath.Path(model_path)
-        if not path.exists():
-            raise FileNotFoundError(
-                f"tokenizer model {path} does not exist; set config.data.tokenizer.path to a sentencepiece "
-                "model, or leave it empty to train one from the training captions"
-            )
+        path = check_model(model_path)
         self.path = path
         self._sp = spm.SentencePieceProcessor(model_proto=path.read_bytes())
         if (self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id()) != (PAD_ID, BOS_ID, EOS_ID):
@@ -61,6 +67,20 @@ class Tokenizer:
             ids = [BOS_ID, *self._sp.encode(text)[: max_len - 2], EOS_ID]
             tokens[row, : len(ids)] = ids
         return tokens
+
+    def word_alignment(self, text: str, max_len: int) -> tuple[list[str], np.ndarray]:
+        """The words of `text` as sentencepiece splits it (a piece starting with '▁' starts a word) and, for each
+        of the max_len positions `encode` fills, the index of the word its token belongs to: int32 [max_len],
+        -1 at BOS, EOS and padding. Truncation cuts words as `encode` does: the last word keeps the pieces that fit."""
+        pieces = self._sp.encode(text, out_type=str)[: max_len - 2]
+        words: list[str] = []
+        index = np.full(max_len, -1, np.int32)
+        for position, piece in enumerate(pieces, start=1):  # position 0 is BOS
+            if piece.startswith("▁") or not words:
+                words.append("")
+            words[-1] += piece.lstrip("▁")
+            index[position] = len(words) - 1
+        return words, index
 
     def decode(self, tokens: np.ndarray) -> list[str]:
         return [self._sp.decode([int(t) for t in row if t > EOS_ID]) for row in np.atleast_2d(tokens)]
