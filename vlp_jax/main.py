@@ -61,6 +61,14 @@ def main(argv):
             cli.report_errors(run.evaluate_checkpoint, FLAGS.config, workdir, FLAGS.checkpoint, debug=FLAGS.debug)
         else:
             cli.report_errors(train.train_and_evaluate, FLAGS.config, workdir, debug=FLAGS.debug)
+    except preemption.Interrupted as stop:
+        logging.warning("%s", stop)
+        logging.flush()
+        # An interrupted compile still runs in a daemon thread (preemption.interruptible); leaving through the
+        # interpreter's shutdown could abort when it returns, so the process ends here, its files all closed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(preemption.PREEMPTED_EXIT_CODE)
     except preemption.Preempted as stop:
         logging.warning("%s", stop)
         sys.exit(preemption.PREEMPTED_EXIT_CODE)

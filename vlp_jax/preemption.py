@@ -3,6 +3,7 @@ finishes its step, saves and exits with PREEMPTED_EXIT_CODE (the launcher or SLU
 
 import contextlib
 import signal
+import threading
 
 import jax
 import numpy as np
@@ -27,6 +28,27 @@ class Interrupted(Preempted):
         Exception.__init__(self, f"received {signal_name} while {phase}: stopped, nothing half-written; rerun the "
                                  "same command to continue")
         self.step = None
+
+
+def interruptible(function, *args):
+    """function(*args), run in a daemon thread while this (the main) thread waits in short joins: a signal handler
+    runs only between Python bytecodes of the main thread, so this lets `StopSignal.immediate` interrupt a long C++
+    call (an XLA compile) within a fraction of a second. An interrupted call's thread dies with the process."""
+    outcome = {}
+
+    def call():
+        try:
+            outcome["value"] = function(*args)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the calling thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=call, name=getattr(function, "__name__", "call"), daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 class StopSignal:

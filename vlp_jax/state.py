@@ -32,10 +32,11 @@ def example_batch(batch: Batch) -> Batch:
 
 
 def create_train_state(
-    method: Method, tx: optax.GradientTransformation, batch: Batch, mesh: Mesh, seed: int
+    method: Method, tx: optax.GradientTransformation, batch: Batch, mesh: Mesh, seed: int, abstract: bool = False
 ) -> tuple[TrainState, TrainState]:
     """Returns (state, state_shardings). Parameters follow parallel.LOGICAL_AXIS_RULES; optimizer moments
-    follow their parameters; everything else is replicated."""
+    follow their parameters; everything else is replicated. `abstract`: the state as sharded ShapeDtypeStructs,
+    nothing initialised (enough to compile the step and count the parameters)."""
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
     sample = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), example_batch(batch))
 
@@ -63,6 +64,9 @@ def create_train_state(
     )
     shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, extra=extra_shardings,
                            rng=replicated, nonfinite_streak=replicated, nonfinite_total=replicated)
+    if abstract:
+        return jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            abstract, shardings), shardings
     state = jax.jit(make_state, out_shardings=shardings)(init_rng, train_rng)
     return state, shardings
 

@@ -156,15 +156,16 @@ class Setup:
     train_step: Callable  # jitted (state, batch) -> (state, metrics)
 
 
-def setup(config: ml_collections.ConfigDict) -> Setup:
-    """Mesh, method, optimizer and the sharded initial state of `config`, shaped by the method's example."""
+def setup(config: ml_collections.ConfigDict, abstract: bool = False) -> Setup:
+    """Mesh, method, optimizer and the sharded initial state of `config`, shaped by the method's example;
+    `abstract`: the state's shapes and shardings only (state.create_train_state)."""
     mesh = parallel.make_mesh(config.mesh)
     validate(config, mesh)
     method = methods.build(config, mesh, load_pretrained(config, mesh))
     tx = make_optimizer(config.train)
     with parallel.mesh_context(mesh):
         example = zeros_batch(method.example_batch(config))
-        state, shardings = create_train_state(method, tx, example, mesh, config.seed)
+        state, shardings = create_train_state(method, tx, example, mesh, config.seed, abstract)
     train_step = make_train_step(method, tx, learning_rate_schedule(config.train), shardings, mesh)
     return Setup(mesh, method, state, shardings, train_step)
 

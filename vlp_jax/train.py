@@ -22,7 +22,7 @@ from vlp_jax.evaluate.run import EVAL_DIR, Evaluations
 from vlp_jax.evaluate.scope import eval_scope
 from vlp_jax.flops import mfu
 from vlp_jax.optimizer import learning_rate_schedule
-from vlp_jax.preemption import Preempted, StopSignal
+from vlp_jax.preemption import Preempted, StopSignal, interruptible
 from vlp_jax.state import TrainState, count_params
 
 __all__ = ["EVAL_DIR", "train_and_evaluate"]
@@ -83,17 +83,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
     with StopSignal() as stop_signal:  # from the start: a signal during setup or compilation stops after step 1
         workdir = prepare_workdir(workdir)
         # e.g. COTS's visual tokenizer; the final stage's plan and memory verdict come first (preflight)
-        config = stages.prepare(config, workdir, train_and_evaluate, preflight=preflight)
+        config = stages.prepare(config, workdir, train_and_evaluate,
+                                preflight=lambda stand_in: preflight(stand_in, stop_signal))
         return _train(config, workdir, stop_after, stop_signal)
 
 
-def preflight(config: ml_collections.ConfigDict) -> tuple[step.Setup, object, float, dict]:
+def preflight(config: ml_collections.ConfigDict, stop_signal: StopSignal, abstract: bool = True
+              ) -> tuple[step.Setup, object, float, dict]:
     """The run's plan line and its step compiled from the method's declared example, before any data is read:
     a step that cannot fit fails in seconds (MemoryError). Returns (setup, compiled step, FLOPs per step, the
-    abstract example batch)."""
+    abstract example batch); the setup's state is initialised unless `abstract` (a check only). A signal during
+    the compile (minutes for a large model on a CPU) stops the run at once (Interrupted)."""
     evaluators = eval_run.declared(config)  # a misnamed evaluator fails before anything is built
     pipeline.check_paths(config)  # so does a data source or tokenizer that does not exist
-    run = step.setup(config)
+    run = step.setup(config, abstract)
     mesh = run.mesh
     logging.info("plan: %s (%s) with %s parameters | mesh %s over %d %s devices | data %s | %d steps x batch %d "
                  "| evaluators %s", config.method.name, config.get("size", "custom"),
@@ -101,13 +104,14 @@ def preflight(config: ml_collections.ConfigDict) -> tuple[step.Setup, object, fl
                  config.data.train_sources, config.train.steps, config.train.batch_size,
                  ", ".join(evaluators) or "none")
     example = step.abstract_batch(run.method.example_batch(config), config.train.batch_size, mesh)
-    compiled, flops_per_step = _compile(run, example, config)
+    with stop_signal.immediate("compiling the train step"):
+        compiled, flops_per_step = interruptible(_compile, run, example, config)
     return run, compiled, flops_per_step, example
 
 
 def _train(config, workdir: epath.Path, stop_after: int | None, stop_signal: StopSignal):
     scope = eval_scope(config)
-    run, compiled, flops_per_step, example = preflight(config)
+    run, compiled, flops_per_step, example = preflight(config, stop_signal, abstract=False)
     mesh = run.mesh
     with stop_signal.immediate("reading the data (rendering the world, training the text tokenizer)"):
         data = pipeline.load(config, workdir, features=run.method.features(config),

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -169,18 +170,24 @@ def test_a_skipped_step_leaves_the_state_unchanged_but_counts(tmp_path, monkeypa
     assert_trees_equal((after.params, after.opt_state), (before.params, before.opt_state))
 
 
-def test_a_signal_during_compilation_saves_after_the_first_step(tmp_path, monkeypatch):
-    compile_step = step.compile_step
+def test_a_signal_during_compilation_stops_at_once(tmp_path, monkeypatch):
+    sent, finish = {}, threading.Event()
 
     def signalled_compile(*args, **kwargs):  # SIGTERM arrives while the step compiles, before any step ran
+        sent["at"] = time.monotonic()
         os.kill(os.getpid(), signal.SIGTERM)
-        return compile_step(*args, **kwargs)
+        finish.wait(60)  # a long compile: the run must not wait for it
+        raise RuntimeError("abandoned")
 
     monkeypatch.setattr(step, "compile_step", signalled_compile)
     previous = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(preemption.Preempted, match="received SIGTERM: saved step 1; rerun"):
-        train.train_and_evaluate(tiny_config(), str(tmp_path))
-    assert Checkpointer(tmp_path, tiny_config().checkpoint).latest_step() == 1
+    try:
+        with pytest.raises(preemption.Interrupted, match="received SIGTERM while compiling the train step"):
+            train.train_and_evaluate(tiny_config(), str(tmp_path))
+    finally:
+        finish.set()  # the abandoned compile thread ends
+    assert time.monotonic() - sent["at"] < 5
+    assert Checkpointer(tmp_path, tiny_config().checkpoint).latest_step() is None  # no step ran, nothing saved
     assert signal.getsignal(signal.SIGTERM) is previous  # the handler is the caller's again
 
 
