@@ -8,10 +8,13 @@ every image once (centre crop), every caption.
 """
 
 import dataclasses
+import time
 
 import ml_collections
+from absl import logging
 from etils import epath
 
+from vlp_jax import progress
 from vlp_jax.data import examples, sources, transforms, world_shards
 from vlp_jax.data.dataset import PairDataset
 from vlp_jax.data.loader import LoaderOptions, read_pairs
@@ -76,8 +79,12 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: epath.PathLike, t
         if path.exists():
             tokenizer = Tokenizer(path)
         else:
-            captions = sources.source_captions(train_parts, settings.max_captions)
+            captions = progress.logged(sources.source_captions(train_parts, settings.max_captions),
+                                       "text tokenizer: training captions read")
+            started = time.monotonic()
             tokenizer = train_tokenizer(captions, path, settings.vocab_size)
+            logging.info("text tokenizer: %d pieces trained in %.0f s, written to %s", tokenizer.vocab_size,
+                         time.monotonic() - started, path)
     if tokenizer.vocab_size > config.model.text.vocab_size:
         raise ValueError(
             f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but config.model.text.vocab_size is "

@@ -15,18 +15,15 @@ The sizes are the config's (`config.data.train_size`, `eval_size`) and nothing e
 import hashlib
 import json
 import os
-import time
 import uuid
-from collections.abc import Iterable, Iterator
 
 import ml_collections
-from absl import logging
 from etils import epath
 
+from vlp_jax import progress
 from vlp_jax.data import records, sources, synthetic
 from vlp_jax.data.records import Located
 
-PROGRESS_EVERY_S = 30.0  # seconds between progress lines while a split is rendered
 STORAGES = ("lazy", "shards")  # config.data.world_storage
 
 
@@ -81,7 +78,8 @@ def cached_shards(world: ml_collections.ConfigDict, sizes: dict[str, int], root:
     staging = epath.Path(root) / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
     try:
         for split, num in sizes.items():
-            rendered = _with_progress(synthetic.split_records(world, split, num), num, f"{split} scenes")
+            rendered = progress.logged(synthetic.split_records(world, split, num),
+                                       f"embedded world: {split} scenes written", num)
             records.write_records(rendered, staging, split, world.records_per_shard)
         (staging / "world.json").write_text(key + "\n", encoding="utf-8")
         try:
@@ -93,16 +91,3 @@ def cached_shards(world: ml_collections.ConfigDict, sizes: dict[str, int], root:
         if staging.exists():
             staging.rmtree()
     return final
-
-
-def _with_progress(items: Iterable, total: int, what: str) -> Iterator:
-    """``items``, logging 'n/total <what> written (p%), ETA' every PROGRESS_EVERY_S seconds and at the end."""
-    start = last = time.monotonic()
-    for done, item in enumerate(items, 1):
-        yield item
-        now = time.monotonic()
-        if now - last >= PROGRESS_EVERY_S or done == total:
-            last = now
-            eta = (now - start) / done * (total - done)
-            logging.info("embedded world: %d/%d %s written (%.0f%%), %.0f s elapsed, ETA %.0f s",
-                         done, total, what, 100 * done / total, now - start, eta)
