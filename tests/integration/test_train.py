@@ -84,8 +84,11 @@ def test_memory_verdict_and_plan_come_before_any_data_is_read(tmp_path, caplog):
     config = tiny_config(device_memory_bytes=1024)
     with caplog.at_level("INFO"), pytest.raises(MemoryError):
         train.train_and_evaluate(config, str(tmp_path))
-    assert not (tmp_path / "data").exists()  # the embedded world was never rendered
-    assert any(record.getMessage().startswith("plan: clip (tiny) with ") for record in caplog.records)
+    messages = [record.getMessage() for record in caplog.records]
+    assert not any(message.startswith("data: ") for message in messages)  # no data was read
+    assert not any(message.startswith("text tokenizer: ") for message in messages)
+    assert not (tmp_path / "tokenizer.model").exists()
+    assert any(message.startswith("plan: clip (tiny) with ") for message in messages)
 
 
 def test_sigterm_while_the_world_renders_stops_within_seconds_leaving_nothing(tmp_path):
