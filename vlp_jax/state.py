@@ -54,19 +54,19 @@ def create_train_state(
         return TrainState(step=zero, params=params, opt_state=tx.init(params), extra=extra, rng=train_rng,
                           nonfinite_streak=zero, nonfinite_total=zero)
 
-    abstract = jax.eval_shape(make_state, init_rng, train_rng)
+    shapes = jax.eval_shape(make_state, init_rng, train_rng)
     # Moments follow their parameters; parameter groups (optimizer.py) leave optax.MaskedNode where a group's
     # optimizer holds no state for a parameter, and the shardings tree keeps those nodes.
     opt_shardings = optax.tree_map_params(
         tx, lambda value, sharding: value if isinstance(value, optax.MaskedNode) else sharding,
-        abstract.opt_state, param_shardings,
+        shapes.opt_state, param_shardings,
         transform_non_params=lambda _: replicated, is_leaf=lambda value: isinstance(value, optax.MaskedNode),
     )
     shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, extra=extra_shardings,
                            rng=replicated, nonfinite_streak=replicated, nonfinite_total=replicated)
     if abstract:
         return jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                            abstract, shardings), shardings
+                            shapes, shardings), shardings
     state = jax.jit(make_state, out_shardings=shardings)(init_rng, train_rng)
     return state, shardings
 

@@ -23,7 +23,7 @@ def run_main(*args):
     "args, message",
     [
         (["--config=configs/nope.py"],
-         "no config file 'configs/nope.py'. Available here: configs/brivl.py, configs/clip.py, configs/cots.py"),
+         "no config file 'configs/nope.py'. Available here: configs/brivl.py, configs/clip.py, "),
         (["--config=configs/clip.py:huge"], "Unknown config variant 'huge'. Use one of tiny, small, base, large"),
         (["--config=configs/clip.py:tiny", "--config.train.bogus=3"], "config.train has no key 'bogus'. Its keys: b1"),
         (["--config=configs/clip.py:tiny", "--config.train.steps=abc"], "--config.train.steps=abc"),
