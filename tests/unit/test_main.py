@@ -73,3 +73,14 @@ def test_library_info_logs_are_filtered_but_warnings_and_our_own_pass():
 )
 def test_each_kind_of_user_error_has_its_exit_code(error, code):
     assert cli.exit_code(error) == code
+
+
+def test_importing_the_package_starts_no_backend():
+    """--distributed needs jax.distributed.initialize before any JAX computation: a module-level jnp array
+    anywhere in the package (methods, models, train) would start the backend on import and break every
+    multi-process run."""
+    code = ("from jax._src import xla_bridge; import vlp_jax.main, vlp_jax.train, vlp_jax.methods, "
+            "vlp_jax.evaluate.run; print(bool(xla_bridge._backends))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False"

@@ -15,6 +15,7 @@ from vlp_jax.data import records, sources, transforms
 from vlp_jax.data.records import Located
 from vlp_jax.data.skips import Skipped, SkipRecord
 from vlp_jax.data.tokenizer import Tokenizer
+from vlp_jax.objectives.anchors import Normaliser, anchor_example
 
 EMPTY_CAPTION = "empty_caption"  # no caption left after dropping blank ones
 SKIP_REASONS = (*sources.READ_REASONS, *records.DECODE_REASONS, *transforms.IMAGE_REASONS, EMPTY_CAPTION)
@@ -50,6 +51,7 @@ class FeatureOptions:
     tokenizer: Tokenizer
     max_len: int  # tokens per caption
     max_boxes: int  # rows of the boxes feature
+    normalise: Normaliser | None = None  # the anchors feature's tag/word normalisation (CMAL)
 
 
 @dataclasses.dataclass
@@ -60,6 +62,9 @@ class Building:
     captions: list[str]  # usable (non-blank) captions
     rng: np.random.Generator  # the example's generator: the builders draw from it in FEATURES order
     crop: transforms.Box | None = None  # the pixels the image builder took, in the stored image's coordinates
+    caption: str = ""  # the caption the text builder chose
+    kept_boxes: np.ndarray | None = None  # int [k]: the record's boxes the boxes builder kept, in its row order
+    dropped_boxes: int = 0  # the record's boxes the crop cut away (or that did not fit max_boxes)
 
 
 def image_feature(building: Building, options: FeatureOptions) -> dict[str, np.ndarray]:
@@ -71,6 +76,7 @@ def image_feature(building: Building, options: FeatureOptions) -> dict[str, np.n
 def text_feature(building: Building, options: FeatureOptions) -> dict[str, np.ndarray]:
     """"text": one uniformly chosen caption, int32 [L]."""
     caption = building.captions[int(building.rng.integers(len(building.captions)))]
+    building.caption = caption
     return {"text": options.tokenizer.encode([caption], options.max_len)[0]}
 
 
@@ -81,6 +87,7 @@ def boxes_feature(building: Building, options: FeatureOptions) -> dict[str, np.n
     boxes = np.zeros((options.max_boxes, 4), np.float32)
     mask = np.zeros(options.max_boxes, bool)
     saved = building.record.boxes
+    building.kept_boxes = np.zeros(0, np.int64)
     if saved is None or not len(saved):
         return {"boxes": boxes, "box_mask": mask}
     x0, y0, x1, y1 = building.crop
@@ -89,6 +96,8 @@ def boxes_feature(building: Building, options: FeatureOptions) -> dict[str, np.n
     keep = _area(inside) >= BOX_KEEP_FRACTION * _area(saved)
     keep &= _area(inside) > 0
     kept = ((inside[keep] - [x0, y0, x0, y0]) / [x1 - x0, y1 - y0, x1 - x0, y1 - y0])[: options.max_boxes]
+    building.kept_boxes = np.flatnonzero(keep)[: options.max_boxes]
+    building.dropped_boxes = len(saved) - len(kept)
     boxes[: len(kept)] = kept
     mask[: len(kept)] = True
     return {"boxes": boxes, "box_mask": mask}
@@ -99,12 +108,26 @@ def _area(boxes: np.ndarray) -> np.ndarray:
     return np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
 
 
+def anchors_feature(building: Building, options: FeatureOptions) -> dict[str, np.ndarray]:
+    """CMAL's tag-based anchors (objectives/anchors.py) of the chosen caption and the kept boxes:
+    "region_tags" int32 [max_boxes] and "token_tags" int32 [L] (concept ids, 0 = none), "token_words" int32 [L]
+    (the word each token belongs to, -1 at BOS/EOS/padding) and "boxes_dropped" int32 [] (boxes the crop cut)."""
+    words, token_words = options.tokenizer.word_alignment(building.caption, options.max_len)
+    tags = building.record.tags or []
+    if building.record.boxes is not None and len(tags) != len(building.record.boxes):
+        tags = []  # tags that do not name the boxes one to one cannot place an anchor
+    kept = building.kept_boxes if tags else np.zeros(0, np.int64)
+    return {**anchor_example(tags, kept, words, token_words, options.max_boxes, options.normalise),
+            "token_words": token_words, "boxes_dropped": np.int32(building.dropped_boxes)}
+
+
 # One builder per feature a method may declare (Method.features). They run in this order for every record, so
 # the random draws keep their order (crop, then caption) whatever else is declared.
 FEATURES: dict[str, Callable[[Building, FeatureOptions], dict[str, np.ndarray]]] = {
-    "image": image_feature, "text": text_feature, "boxes": boxes_feature,
+    "image": image_feature, "text": text_feature, "boxes": boxes_feature, "anchors": anchors_feature,
 }
-_NEEDS = {"boxes": "image"}  # a builder that reads what another leaves in Building
+# A builder that reads what others leave in Building.
+_NEEDS = {"boxes": ("image",), "anchors": ("text", "boxes")}
 
 
 def check_features(features) -> tuple[str, ...]:
@@ -113,9 +136,10 @@ def check_features(features) -> tuple[str, ...]:
     unknown = [name for name in features if name not in FEATURES]
     if unknown:
         raise ValueError(f"unknown data feature(s) {', '.join(map(repr, unknown))}; known: {', '.join(FEATURES)}")
-    for name, needed in _NEEDS.items():
-        if name in features and needed not in features:
-            raise ValueError(f"data feature {name!r} needs {needed!r} declared too")
+    for name, needs in _NEEDS.items():
+        for needed in needs:
+            if name in features and needed not in features:
+                raise ValueError(f"data feature {name!r} needs {needed!r} declared too")
     return tuple(name for name in FEATURES if name in features)
 
 
@@ -127,11 +151,12 @@ class TrainExamples:
     """
 
     def __init__(self, image: transforms.ImageOptions, tokenizer: Tokenizer, max_len: int, noisy: bool,
-                 features=IMAGE_TEXT, max_boxes: int = 0):
+                 features=IMAGE_TEXT, max_boxes: int = 0, anchor_map: str = ""):
         self.features = check_features(features)
         if "boxes" in self.features and max_boxes < 1:
             raise ValueError(f"config.data.max_boxes={max_boxes}: the boxes feature needs at least 1")
-        self.options = FeatureOptions(image, tokenizer, max_len, max_boxes)
+        normalise = Normaliser.load(anchor_map) if "anchors" in self.features else None
+        self.options = FeatureOptions(image, tokenizer, max_len, max_boxes, normalise)
         self.noisy = noisy
 
     def __call__(self, item: Located | Skipped, rng: np.random.Generator) -> dict[str, np.ndarray] | Skipped:

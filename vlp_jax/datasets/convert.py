@@ -9,9 +9,12 @@ Formats:
               of one image are merged) or `captions` (a list; in CSV/TSV a JSON list); an optional `split`
               column, else --split. Each --label_field column (e.g. a class name, for zero-shot tasks:
               vlp_jax/evaluate/labelled.py) goes into the record's labels under its column name; a row without it
-              gives no label. The id is the image's relative path.
+              gives no label. Optional `boxes` (a list of [x0, y0, x1, y1] in the image's pixels) and `tags` (a
+              list of names, one per box; in CSV/TSV both are JSON lists) carry object detections, e.g. for
+              CMAL's anchors; an image's first row holding `boxes` gives them. The id is the image's relative path.
   coco        COCO captions JSON (`images` + `annotations`); images under --image_root (default: the JSON's
-              folder); all in --split. The id is the image's file_name.
+              folder); all in --split. The id is the image's file_name. --instances=PATH adds a COCO instances
+              JSON's boxes (bbox [x, y, w, h]) and category names as each record's boxes and tags.
   karpathy    Karpathy-split JSON (dataset_coco.json, dataset_flickr30k.json): images under
               --image_root/<filepath>/<filename>; splits kept, 'restval' merged into 'train' as is customary
               for the retrieval benchmarks. The id is the filename.
@@ -46,6 +49,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 
+import numpy as np
 from etils import epath
 from PIL import Image, ImageOps
 
@@ -81,6 +85,7 @@ KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "
 CAPTION_FILE_SUFFIXES = (".jsonl", ".csv", ".tsv")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 STAGING_DIR = ".convert"
+ORIENTATION_TAG = 0x0112  # EXIF orientation
 REPORT_NAME = "convert_report.json"
 EXAMPLES_PER_REASON = 5
 
@@ -98,12 +103,14 @@ class Options:
     split: str = "train"  # split name for formats that carry none
     image_root: str | None = None
     label_fields: tuple[str, ...] = ()  # folder format: columns copied into each record's labels
+    instances: str | None = None  # coco format: a COCO instances JSON whose boxes and category names are kept
     progress_seconds: float = 10.0  # at most one progress line per this many seconds
 
     def fingerprint_fields(self) -> dict:
         """The options that change the output (not how fast it is made)."""
         fields = {"records_per_shard": self.records_per_shard, "max_side": self.max_side, "quality": self.quality}
-        return fields | ({"label_fields": list(self.label_fields)} if self.label_fields else {})
+        fields |= {"label_fields": list(self.label_fields)} if self.label_fields else {}
+        return fields | ({"instances": self.instances} if self.instances else {})
 
 
 def _skip_log() -> SkipLog:
@@ -152,6 +159,8 @@ class _Item:
     captions: tuple[str, ...] = ()
     split: str = ""
     labels: tuple[tuple[str, str | int], ...] = ()  # (label field, value) pairs for the record's labels
+    boxes: tuple[tuple[float, float, float, float], ...] = ()  # object boxes (x0, y0, x1, y1) in pixels
+    tags: tuple[str, ...] = ()  # the name of each box
     reject: str | None = None
     detail: str = ""
 
@@ -205,13 +214,33 @@ def _read_json(path: epath.Path):
 
 
 def _listed_item(
-    source: str, item_id: str, image: epath.Path, raw_captions: list, split: str, labels: tuple = ()
+    source: str, item_id: str, image: epath.Path, raw_captions: list, split: str, labels: tuple = (),
+    objects: tuple[tuple, tuple] = ((), ()),
 ) -> _Item:
     try:
         captions = tuple(_clean_captions(raw_captions))
     except SkipRecord as skip:
         return _Item(source, item_id, os.fspath(image), split=split, reject=skip.reason, detail=skip.message)
-    return _Item(source, item_id, os.fspath(image), captions, split, labels)
+    return _Item(source, item_id, os.fspath(image), captions, split, labels, *objects)
+
+
+def _objects(boxes, tags) -> tuple[tuple, tuple]:
+    """Validated (boxes, tags): boxes a list of [x0, y0, x1, y1] numbers with x0 <= x1 and y0 <= y1, tags a list
+    of as many strings (a CSV/TSV cell holds either as JSON); raises SkipRecord('bad_row')."""
+    try:
+        boxes = json.loads(boxes) if isinstance(boxes, str) else boxes
+        tags = json.loads(tags) if isinstance(tags, str) else tags
+    except json.JSONDecodeError:
+        raise SkipRecord("bad_row", "`boxes` or `tags` is not a JSON list") from None
+    if not isinstance(boxes, list) or not isinstance(tags, list) or len(boxes) != len(tags):
+        raise SkipRecord("bad_row", "`boxes` and `tags` must be lists of equal length")
+    for box in boxes:
+        if (not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, (int, float)) for v in box)
+                or box[0] > box[2] or box[1] > box[3]):
+            raise SkipRecord("bad_row", f"box {box!r} is not [x0, y0, x1, y1] with x0 <= x1 and y0 <= y1")
+    if not all(isinstance(tag, str) and tag.strip() for tag in tags):
+        raise SkipRecord("bad_row", "every tag must be a non-empty string")
+    return tuple(tuple(float(v) for v in box) for box in boxes), tuple(tag.strip() for tag in tags)
 
 
 # ---------------------------------------------------------------- listing each format
@@ -275,9 +304,11 @@ def _list_folder(src: epath.Path, options: Options) -> list[_Item]:
             continue
         item_id = posixpath.normpath(image.strip())
         entry = entries.setdefault(item_id, {"source": source, "captions": [], "split": row.get("split"),
-                                             "labels": {}})
+                                             "labels": {}, "objects": ((), ())})
         try:
             entry["captions"].extend(_row_captions(row))
+            if row.get("boxes") is not None and not entry["objects"][0]:
+                entry["objects"] = _objects(row["boxes"], row.get("tags"))
             for field in options.label_fields:  # an image's first row that holds the column gives its value
                 if entry["labels"].get(field) is None:
                     entry["labels"][field] = _row_label(row, field)
@@ -290,7 +321,8 @@ def _list_folder(src: epath.Path, options: Options) -> list[_Item]:
             items.append(_Item(entry["source"], split=split, reject=entry["reject"][0], detail=entry["reject"][1]))
         else:
             labels = tuple((field, value) for field, value in entry["labels"].items() if value is not None)
-            items.append(_listed_item(entry["source"], item_id, root / item_id, entry["captions"], split, labels))
+            items.append(_listed_item(entry["source"], item_id, root / item_id, entry["captions"], split, labels,
+                                      entry["objects"]))
     return items
 
 
@@ -317,6 +349,7 @@ def _list_coco(src: epath.Path, options: Options) -> list[_Item]:
     for annotation in annotations:
         if isinstance(annotation, dict):
             captions[annotation.get("image_id")].append(annotation.get("caption"))
+    objects = _coco_instances(epath.Path(options.instances)) if options.instances else {}
     items = []
     for index, image in enumerate(images):
         file_name = image.get("file_name") if isinstance(image, dict) else None
@@ -325,8 +358,32 @@ def _list_coco(src: epath.Path, options: Options) -> list[_Item]:
             items.append(_Item(source, split=options.split, reject="bad_row", detail="no file_name"))
             continue
         items.append(_listed_item(source, file_name, root / file_name, captions.get(image.get("id"), []),
-                                  options.split))
+                                  options.split, objects=objects.get(image.get("id"), ((), ()))))
     return items
+
+
+def _coco_instances(path: epath.Path) -> dict:
+    """image id -> (boxes (x0, y0, x1, y1), category names) of a COCO instances JSON; a malformed annotation is a
+    ConvertError naming it."""
+    data = _read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list) or not isinstance(
+            data.get("categories"), list):
+        raise ConvertError(f"--instances={path} is not a COCO instances file (needs `annotations` and "
+                           "`categories` lists)")
+    names = {c.get("id"): c.get("name") for c in data["categories"] if isinstance(c, dict)}
+    found = collections.defaultdict(lambda: ([], []))
+    for index, annotation in enumerate(data["annotations"]):
+        bbox = annotation.get("bbox") if isinstance(annotation, dict) else None
+        name = names.get(annotation.get("category_id")) if isinstance(annotation, dict) else None
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
+                and isinstance(name, str)):
+            raise ConvertError(f"--instances={path}: annotations[{index}] needs a bbox [x, y, w, h] and a known "
+                               "category_id")
+        x, y, w, h = (float(v) for v in bbox)
+        boxes, tags = found[annotation.get("image_id")]
+        boxes.append((x, y, x + w, y + h))
+        tags.append(name)
+    return {key: (tuple(boxes), tuple(tags)) for key, (boxes, tags) in found.items()}
 
 
 def _list_karpathy(src: epath.Path, options: Options) -> list[_Item]:
@@ -427,11 +484,26 @@ def _prepare_image(data: bytes, options: Options) -> bytes:
         raise SkipRecord("bad_image", f"{type(error).__name__}: {error}") from None
 
 
+def _stored_boxes(boxes: tuple, original: bytes, stored: bytes) -> np.ndarray | None:
+    """Boxes in the stored image's pixels: scaled with it when it was re-encoded smaller. float32 [k, 4] or None.
+    Boxes cannot follow an EXIF rotation that re-encoding applies: such a record is skipped ('bad_row')."""
+    if not boxes:
+        return None
+    boxes = np.asarray(boxes, np.float32)
+    if stored is original:
+        return boxes
+    with Image.open(io.BytesIO(original)) as before, Image.open(io.BytesIO(stored)) as after:
+        if before.getexif().get(ORIENTATION_TAG, 1) != 1:
+            raise SkipRecord("bad_row", "boxes given for an EXIF-rotated image that is re-encoded upright")
+        scale = np.array([after.width / before.width, after.height / before.height] * 2, np.float32)
+    return boxes * scale
+
+
 # ---------------------------------------------------------------- samples of a unit
 
-# A sample: (source for the report, a function returning (id, image bytes, captions, labels or None) or raising
-# SkipRecord).
-_Sample = tuple[str, Callable[[], tuple[str, bytes, list[str], dict | None]]]
+# A sample: (source for the report, a function returning (id, image bytes, captions, labels or None, (boxes, tags))
+# or raising SkipRecord).
+_Sample = tuple[str, Callable[[], tuple[str, bytes, list[str], dict | None, tuple]]]
 
 
 def _item_samples(unit: _Unit) -> Iterator[_Sample]:
@@ -444,7 +516,7 @@ def _item_samples(unit: _Unit) -> Iterator[_Sample]:
                 data = epath.Path(item.image).read_bytes()
             except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
                 raise SkipRecord("missing_image", item.image) from None
-            return item.id, data, list(item.captions), dict(item.labels) or None
+            return item.id, data, list(item.captions), dict(item.labels) or None, (item.boxes, item.tags)
 
         yield item.source, build
 
@@ -492,7 +564,7 @@ def _tar_samples(unit: _Unit, report: Report) -> Iterator[_Sample]:
                 extension = next((e for e in IMAGE_EXTENSIONS if e in members), None)
                 if extension is None:
                     raise SkipRecord("missing_image", f"members: {', '.join(sorted(members))}")
-                return key, members[extension], captions, None
+                return key, members[extension], captions, None, ((), ())
 
             yield f"{unit.source}:{key}", build
     except (tarfile.TarError, EOFError, OSError) as error:
@@ -513,10 +585,11 @@ def _convert_unit(unit: _Unit, staging: epath.Path, options: Options) -> dict:
     with ShardWriter(staging, unit.split, options.records_per_shard, prefix=f"{unit.split}-u{unit.index:05d}") as w:
         for source, build in samples:
             try:
-                record_id, data, captions, labels = build()
+                record_id, data, captions, labels, (boxes, tags) = build()
                 _require_utf8(record_id, "id")
-                record = ImageTextRecord(record_id, _prepare_image(data, options), captions, split=unit.split,
-                                         labels=labels)
+                stored = _prepare_image(data, options)
+                record = ImageTextRecord(record_id, stored, captions, split=unit.split, labels=labels,
+                                         boxes=_stored_boxes(boxes, data, stored), tags=list(tags) or None)
             except SkipRecord as skip:
                 report.skips.add(skip.at(source))
                 continue
@@ -681,6 +754,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image_root", default=defaults.image_root, help="folder the image paths are relative to")
     parser.add_argument("--label_field", default="",
                         help="folder format: comma-separated columns copied into each record's labels (e.g. a class)")
+    parser.add_argument("--instances", default=None,
+                        help="coco format: a COCO instances JSON whose boxes and category names go into the records")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted conversion into --out")
     parser.add_argument("--progress_seconds", type=float, default=defaults.progress_seconds)
     return parser.parse_args(argv)
@@ -691,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(records_per_shard=args.records_per_shard, max_side=args.max_side, quality=args.quality,
                       workers=args.workers, split=args.split, image_root=args.image_root,
                       label_fields=tuple(field.strip() for field in args.label_field.split(",") if field.strip()),
-                      progress_seconds=args.progress_seconds)
+                      instances=args.instances, progress_seconds=args.progress_seconds)
     try:
         manifest, report = convert(args.src, args.format, args.out, options, resume=args.resume)
     except ConvertError as error:

@@ -30,6 +30,7 @@ from vlp_jax.evaluate.evaluators import (
     ZeroShotEvaluator,
 )
 from vlp_jax.evaluate.reconstruction import ReconstructionEvaluator
+from vlp_jax.evaluate.rerank import RerankEvaluator
 from vlp_jax.evaluate.scope import EvalScope, capped, eval_scope, records_available
 
 EVAL_DIR = "eval"  # <workdir>/eval/step_<N>.json and .png: the full evaluation's report and picture
@@ -41,6 +42,7 @@ REGISTRY: dict[str, type[Evaluator]] = {
     "efficiency": EfficiencyEvaluator,
     "picture": PictureEvaluator,
     "reconstruction": ReconstructionEvaluator,
+    "rerank": RerankEvaluator,
 }
 
 

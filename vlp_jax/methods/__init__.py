@@ -9,10 +9,15 @@ from jax.sharding import Mesh
 from vlp_jax.methods.base import LoadedRun, Method
 from vlp_jax.methods.brivl import BrivlMethod
 from vlp_jax.methods.clip import ClipMethod
+from vlp_jax.methods.cmal import CmalMethod
+from vlp_jax.methods.cookie import CookieMethod
 from vlp_jax.methods.cots import CotsMethod
 from vlp_jax.methods.vq import VQMethod
 
-REGISTRY: dict[str, type[Method]] = {"brivl": BrivlMethod, "clip": ClipMethod, "cots": CotsMethod, "vq": VQMethod}
+REGISTRY: dict[str, type[Method]] = {
+    "brivl": BrivlMethod, "clip": ClipMethod, "cmal": CmalMethod, "cookie": CookieMethod, "cots": CotsMethod,
+    "vq": VQMethod,
+}
 
 
 def register(name: str, method_class: type[Method]) -> None:
