@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(PY) -m vlp_jax.main --config=configs/clip.py:tiny --workdir=workdir/demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check vlp_jax configs tests
+	$(VENV)/bin/ruff check vlp_jax configs tests launch tools
 
 bench: $(STAMP)
 	$(PY) -m vlp_jax.bench --config=configs/clip.py:tiny

@@ -84,14 +84,20 @@ def model_config(size: str) -> ml_collections.ConfigDict:
             image=dict(
                 image_size=image_size, patch_size=patch, width=width, depth=depth, heads=heads, mlp_dim=mlp,
                 pool="cls",
+                pre_norm=False,  # a LayerNorm before the encoder (CLIP's ln_pre; imported CLIP weights set it)
             ),
             text=dict(
                 vocab_size=vocab, max_len=max_len, width=t_width, depth=t_depth, heads=t_heads, mlp_dim=t_mlp,
                 pool="eos",
+                causal=False,  # causal self-attention (CLIP's text tower; imported CLIP weights set it)
             ),
             embed_dim=towers["embed_dim"],
             dtype="float32" if size == "tiny" else "bfloat16",
             remat=False,
+            # Both towers' MLP activation (models/layers.py ACTIVATIONS): "gelu" (tanh approximation), "gelu_exact"
+            # (open_clip's weights), "quick_gelu" (OpenAI's).
+            activation="gelu",
+            layer_norm_eps=1e-6,  # both towers' LayerNorms (flax's default); imported CLIP weights use torch's 1e-5
         )
     )
 
@@ -126,6 +132,8 @@ def base_config(size: str) -> ml_collections.ConfigDict:
             # art styles): retrieval counts any of them as a hit. Empty = every image is its own group.
             group_label="",
             max_boxes=8,  # rows of the `boxes` feature (methods that declare it): object boxes per example
+            # The `anchors` feature's (CMAL) synonym/lemma map, JSON like vlp_jax/data/anchor_map.json; "" = that one.
+            anchor_map="",
             tfds=sources.default_tfds_config(),
             # Sentencepiece model file; empty = train one on the training captions into the workdir.
             tokenizer=dict(path="", vocab_size=config.model.text.vocab_size, max_captions=1_000_000),

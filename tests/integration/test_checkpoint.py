@@ -315,9 +315,16 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exac
     config, overrides = two_process_data
     steps = TWO_PROCESS_STEPS
     reference, run = tmp_path / "reference", tmp_path / "run"
+    # The reference run is started by the local launcher (launch/local.py): both processes run to the end.
     logs = tmp_path / "logs-reference"
-    results = finish(start_two_processes(reference, overrides, logs), logs)
-    assert [code for code, _ in results] == [0, 0], [out[-3000:] for _, out in results]
+    launcher = [sys.executable, "-m", "launch.local", "--processes=2", "--devices_per_process=2",
+                "--config=configs/clip.py:tiny", f"--workdir={reference}", f"--logs={logs}", "--", *overrides]
+    env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "0"}  # see start_two_processes
+    launched = subprocess.run(launcher, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    outputs = [(logs / f"process{index}.log").read_text(encoding="utf-8") for index in range(2)]
+    assert launched.returncode == 0, (launched.stderr[-2000:], [out[-3000:] for out in outputs])
+    assert all(f"process{index}.log: exit 0" in launched.stderr for index in range(2))
+    assert all(f"process {index}/2" in out for index, out in enumerate(outputs))
     # Only process 0 writes the metrics: each step once.
     assert [r["step"] for r in read_metrics(reference) if "train/loss" in r] == list(range(1, steps + 1))
 

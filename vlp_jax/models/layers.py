@@ -37,8 +37,10 @@ def dense(
     )
 
 
-def layer_norm(dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+def layer_norm(dtype: Dtype, name: str | None = None, epsilon: float = 1e-6) -> nn.LayerNorm:
+    """LayerNorm with logical axes; `epsilon` 1e-6 is flax's default, torch's (imported CLIP weights) is 1e-5."""
     return nn.LayerNorm(
+        epsilon=epsilon,
         dtype=dtype,
         scale_init=partitioned(nn.initializers.ones, ("embed",)),
         bias_init=partitioned(nn.initializers.zeros, ("embed",)),
@@ -56,11 +58,27 @@ class MaskEmbedding(nn.Module):
         return jnp.where(mask[..., None], embedding.astype(x.dtype), x)
 
 
+# MLP activations by name (config.model.activation): "gelu" is flax's tanh approximation (our default);
+# "gelu_exact" the erf form (torch's nn.GELU, open_clip); "quick_gelu" x·σ(1.702x) (OpenAI CLIP's checkpoints).
+ACTIVATIONS = {
+    "gelu": nn.gelu,
+    "gelu_exact": lambda x: nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+def activation_fn(name: str) -> Callable:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"config.model.activation={name!r}; use one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
 class MlpBlock(nn.Module):
-    """Two dense layers with GELU: [b, t, d] -> [b, t, mlp_dim] -> [b, t, d]."""
+    """Two dense layers with an activation (ACTIVATIONS, GELU by default): [b, t, d] -> [b, t, mlp_dim] -> [b, t, d]."""
 
     mlp_dim: int
     dtype: Dtype = jnp.float32
+    activation: str = "gelu"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -72,7 +90,7 @@ class MlpBlock(nn.Module):
             bias_init=partitioned(nn.initializers.zeros, ("mlp",)),
             name="fc1",
         )(x)
-        x = constrain(nn.gelu(x), ("batch", "act_len", "act_mlp"))
+        x = constrain(activation_fn(self.activation)(x), ("batch", "act_len", "act_mlp"))
         return nn.Dense(
             width,
             dtype=self.dtype,
@@ -83,7 +101,8 @@ class MlpBlock(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention; `mask` [b, t] is True at tokens that may be attended to.
+    """Multi-head self-attention; `mask` [b, t] is True at tokens that may be attended to, or [b, t_q, t_k] per query
+    (e.g. causal).
 
     Projections are explicit einsums over [embed, heads, kv] kernels (flax's DenseGeneral initialises a
     flattened kernel, which cannot carry 3-axis logical partitioning).
@@ -108,7 +127,8 @@ class SelfAttention(nn.Module):
             return constrain(y, ("batch", "act_len", "act_heads", "act_kv"))
 
         query, key, value = project("query"), project("key"), project("value")
-        attn_mask = None if mask is None else mask[:, None, None, :]  # [b, 1, 1, t_k] broadcast over heads, t_q
+        # [b, 1, 1, t_k] (broadcast over heads and queries) or [b, 1, t_q, t_k] (broadcast over heads)
+        attn_mask = None if mask is None else mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]
         y = jax.nn.dot_product_attention(query, key, value, mask=attn_mask)  # [b, t, heads, head_dim]
         out_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1), out_axis=2)
         kernel = self.param("out", partitioned(out_init, ("heads", "kv", "embed")), (self.heads, head_dim, width))
@@ -122,12 +142,15 @@ class EncoderBlock(nn.Module):
     heads: int
     mlp_dim: int
     dtype: Dtype = jnp.float32
+    activation: str = "gelu"
+    layer_norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        x = x + SelfAttention(self.heads, self.dtype, name="attention")(layer_norm(self.dtype, "ln1")(x), mask)
+        eps = self.layer_norm_eps
+        x = x + SelfAttention(self.heads, self.dtype, name="attention")(layer_norm(self.dtype, "ln1", eps)(x), mask)
         x = constrain(x, ("batch", "act_len", "act_embed"))
-        x = x + MlpBlock(self.mlp_dim, self.dtype, name="mlp")(layer_norm(self.dtype, "ln2")(x))
+        x = x + MlpBlock(self.mlp_dim, self.dtype, self.activation, name="mlp")(layer_norm(self.dtype, "ln2", eps)(x))
         return constrain(x, ("batch", "act_len", "act_embed"))
 
 
@@ -139,10 +162,13 @@ class Encoder(nn.Module):
     mlp_dim: int
     dtype: Dtype = jnp.float32
     remat: bool = False
+    activation: str = "gelu"
+    layer_norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         block_cls = nn.remat(EncoderBlock) if self.remat else EncoderBlock
         for i in range(self.depth):
-            x = block_cls(self.heads, self.mlp_dim, self.dtype, name=f"block{i}")(x, mask)
-        return layer_norm(self.dtype, "ln_final")(x)
+            x = block_cls(self.heads, self.mlp_dim, self.dtype, self.activation, self.layer_norm_eps,
+                          name=f"block{i}")(x, mask)
+        return layer_norm(self.dtype, "ln_final", self.layer_norm_eps)(x)

@@ -13,7 +13,8 @@ class TextTransformer(nn.Module):
     Pooling 'eos' takes the last non-pad token (the EOS the tokenizer appends), 'cls' the first (BOS),
     'mean' the average over non-pad tokens. `token_mask` bool [b, l] replaces those token embeddings with a
     learned mask embedding (masked language modelling; the tokenizer needs no [MASK] id); the parameter exists only
-    in models initialised with a mask.
+    in models initialised with a mask. `causal`: each token attends only to itself and earlier tokens (CLIP's text
+    tower; with 'eos' pooling the pooled token then sees the whole text).
     """
 
     vocab_size: int
@@ -25,6 +26,9 @@ class TextTransformer(nn.Module):
     pool: str = "eos"
     dtype: Dtype = jnp.float32
     remat: bool = False
+    causal: bool = False
+    activation: str = "gelu"
+    layer_norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(
@@ -53,7 +57,10 @@ class TextTransformer(nn.Module):
             x = MaskEmbedding(name="mask_embedding")(x, token_mask)
         x = x + pos[:, : tokens.shape[1]].astype(self.dtype)
         x = constrain(x, ("batch", "act_len", "act_embed"))
-        x = Encoder(self.depth, self.heads, self.mlp_dim, self.dtype, self.remat, name="encoder")(x, mask)
+        length = tokens.shape[1]
+        attend = mask[:, None, :] & jnp.tril(jnp.ones((length, length), bool)) if self.causal else mask  # [b, l, l]
+        x = Encoder(self.depth, self.heads, self.mlp_dim, self.dtype, self.remat, self.activation, self.layer_norm_eps,
+                    name="encoder")(x, attend)
         if self.pool == "eos":
             last = jnp.maximum(mask.sum(axis=1) - 1, 0)  # [b] index of the last real token
             pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]

@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlp_jax.models.layers import Dtype, Encoder, MaskEmbedding, constrain, partitioned
+from vlp_jax.models.layers import Dtype, Encoder, MaskEmbedding, constrain, layer_norm, partitioned
 
 
 class VisionTransformer(nn.Module):
@@ -12,7 +12,7 @@ class VisionTransformer(nn.Module):
 
     `patch_mask` bool [b, patches] (row-major over the patch grid) replaces those patch embeddings with a learned
     mask embedding before the position embedding (masked vision modelling); the parameter exists only in models
-    initialised with a mask.
+    initialised with a mask. `pre_norm` adds a LayerNorm after the position embedding (CLIP's ln_pre).
     """
 
     image_size: int
@@ -24,6 +24,9 @@ class VisionTransformer(nn.Module):
     pool: str = "cls"
     dtype: Dtype = jnp.float32
     remat: bool = False
+    pre_norm: bool = False
+    activation: str = "gelu"
+    layer_norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(
@@ -60,7 +63,10 @@ class VisionTransformer(nn.Module):
             (1, x.shape[1], self.width),
         )
         x = constrain(x + pos.astype(self.dtype), ("batch", "act_len", "act_embed"))
-        x = Encoder(self.depth, self.heads, self.mlp_dim, self.dtype, self.remat, name="encoder")(x)
+        if self.pre_norm:
+            x = layer_norm(self.dtype, "ln_pre", self.layer_norm_eps)(x)
+        x = Encoder(self.depth, self.heads, self.mlp_dim, self.dtype, self.remat, self.activation, self.layer_norm_eps,
+                    name="encoder")(x)
         pooled = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
         return pooled, {"tokens": x}
 

@@ -1,0 +1,1 @@
+"""Foreign weights: safetensors files (no pickle) and the OpenAI CLIP / open_clip layout."""
