@@ -25,14 +25,19 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 DEFAULT_TEMPLATES = ("{}", "a photo of a {}.", "a picture of a {}.")
 TOP_K = 5
 
-flags.DEFINE_string("checkpoint", None, "A run's workdir or one of its checkpoints/<step> directories.")
-flags.DEFINE_string("images", None, "A directory of images (searched recursively).")
-flags.DEFINE_string("texts", None, "A text file, one text per line.")
-flags.DEFINE_string("out", None, "Where the .npy files and their ids are written.")
-flags.DEFINE_string("classes", None, "Zero-shot: a file of class names, one per line (needs --images).")
-flags.DEFINE_string("templates", None, "Zero-shot: a file of prompt templates with one '{}' each, one per line.")
-flags.DEFINE_integer("batch_size", 0, "Images/texts per batch over all devices; 0 = the run's config.eval.batch_size.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags, defined only when it runs: importing this module (tests, notebooks) next to
+    vlp_jax.main, whose --checkpoint has the same name, must not define them twice."""
+    flags.DEFINE_string("checkpoint", None, "A run's workdir or one of its checkpoints/<step> directories.")
+    flags.DEFINE_string("images", None, "A directory of images (searched recursively).")
+    flags.DEFINE_string("texts", None, "A text file, one text per line.")
+    flags.DEFINE_string("out", None, "Where the .npy files and their ids are written.")
+    flags.DEFINE_string("classes", None, "Zero-shot: a file of class names, one per line (needs --images).")
+    flags.DEFINE_string("templates", None, "Zero-shot: a file of prompt templates with one '{}' each, one per line.")
+    flags.DEFINE_integer("batch_size", 0, "Images/texts per batch over all devices; 0 = the run's eval.batch_size.")
 
 
 def image_files(directory: str) -> list[str]:
@@ -130,4 +135,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
