@@ -225,12 +225,14 @@ def _rendered_chunks(scenes: list[Scene], world: ml_collections.ConfigDict) -> I
 
 
 def split_records(world: ml_collections.ConfigDict, split: str, num: int) -> Iterator[records.ImageTextRecord]:
-    """The records of ``num`` scenes of ``split`` in order (SceneRecords), rendered in bounded chunks."""
+    """The records of ``num`` scenes of ``split`` in order (SceneRecords), generated and rendered chunk by chunk:
+    the first record comes at once and memory stays bounded whatever ``num``."""
     source = SceneRecords(world, split, num)
-    scenes = generate_scenes(world, split, num)
-    for start, images in _rendered_chunks(scenes, world):
-        for offset, image in enumerate(images):
-            yield source.record(start + offset, scenes[start + offset], image)
+    chunk = max(1, _RENDER_PIXELS // world.image_size**2)
+    for start in range(0, num, chunk):
+        scenes = [source.scene(index) for index in range(start, min(num, start + chunk))]
+        for offset, (scene, image) in enumerate(zip(scenes, _render_chunk(scenes, world), strict=True)):
+            yield source.record(start + offset, scene, image)
 
 
 def caption_vocabulary(world: ml_collections.ConfigDict) -> list[str]:
