@@ -135,8 +135,10 @@ def base_config(size: str) -> ml_collections.ConfigDict:
             # The `anchors` feature's (CMAL) synonym/lemma map, JSON like vlp_jax/data/anchor_map.json; "" = that one.
             anchor_map="",
             tfds=sources.default_tfds_config(),
-            # Sentencepiece model file; empty = train one on the training captions into the workdir.
-            tokenizer=dict(path="", vocab_size=config.model.text.vocab_size, max_captions=1_000_000),
+            # kind "sentencepiece": a model file in `path`, or empty = train one on the training captions into the
+            # workdir; kind "clip_bpe": CLIP's BPE vocabulary file in `path` (imported CLIP weights).
+            tokenizer=dict(kind="sentencepiece", path="", vocab_size=config.model.text.vocab_size,
+                           max_captions=1_000_000),
             image=dict(
                 max_pixels=50_000_000,  # larger images are skipped (decompression bombs)
                 background=(255, 255, 255),  # transparent pixels are composited over this colour

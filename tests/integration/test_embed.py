@@ -55,3 +55,36 @@ def test_embed_writes_the_runs_embeddings_of_image_files_and_texts(tiny_run, tmp
     reference = jax.jit(run.method.encode)(state.params, {"image": pixels, "text": tokens})  # unsharded 6 rows
     np.testing.assert_allclose(image, np.asarray(reference["image"]), atol=1e-5)
     np.testing.assert_allclose(text, np.asarray(reference["text"]), atol=1e-5)
+
+
+def test_imported_clip_weights_become_a_run_that_embed_reads(tmp_path):
+    """`python -m vlp_jax.weights.make_run`: the tiny open_clip fixture (tests/data/openclip) written as a run
+    directory, then `embed` through the pipeline's CLIP BPE tokenizer and eval image transform reproduces open_clip's
+    own embeddings."""
+    from PIL import Image
+
+    from vlp_jax.weights import make_run, safetensors
+
+    fixture = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "openclip")
+    expected = safetensors.load(os.path.join(fixture, "expected.safetensors"))
+    with open(os.path.join(fixture, "texts.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    workdir = tmp_path / "imported"
+    argv = [f"--weights={fixture}/model.safetensors", "--origin=open_clip", f"--vocab={fixture}/vocab.txt.gz",
+            f"--workdir={workdir}", "--preset=tiny", f"--image_heads={meta['image_heads']}",
+            f"--text_heads={meta['text_heads']}"]
+    assert make_run.main(argv) == 0
+    images = tmp_path / "images"
+    images.mkdir()
+    for index, pixels in enumerate(expected["images"]):
+        Image.fromarray(pixels).save(images / f"{index}.png")
+    texts = [text for text in meta["texts"] if text]  # embed reads one text per non-empty line
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    result = embed.embed(str(workdir), str(tmp_path / "out"), str(images), str(tmp_path / "texts.txt"),
+                         batch_size=8)
+    np.testing.assert_allclose(result["image"], expected["image_open_clip"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(result["text"], expected["text_open_clip"][: len(texts)], atol=1e-4, rtol=0)
+    # The directory is a run: a second import into it is refused, naming the flag.
+    with np.testing.assert_raises_regex(FileExistsError, "--workdir=.*already holds a run"):
+        make_run.make_run(f"{fixture}/model.safetensors", "open_clip", f"{fixture}/vocab.txt.gz", str(workdir),
+                          "tiny", meta["image_heads"], meta["text_heads"])

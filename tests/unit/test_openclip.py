@@ -118,3 +118,27 @@ def test_configure_reads_the_shapes_of_released_clip_models(name, width, layers,
                                                                                                   1e-5)
     with pytest.raises(ValueError, match="origin"):
         openclip.configure(config.model, state, "laion")
+
+
+def test_the_pipeline_opens_clips_tokenizer_by_kind_and_it_decodes_words_back(fixture, tmp_path):
+    import ml_collections
+
+    from vlp_jax.data import tokenizer
+
+    _, _, meta = fixture
+    vocab = os.path.join(FIXTURE, "vocab.txt.gz")
+    settings = ml_collections.ConfigDict(dict(kind="clip_bpe", path=vocab, vocab_size=0))
+    opened = tokenizer.open_tokenizer(settings)
+    assert isinstance(opened, ClipTokenizer) and opened.path == vocab
+    text = meta["texts"][0]
+    tokens = opened.encode([text], 40)
+    np.testing.assert_array_equal(tokens, opened([text], 40))
+    assert opened.decode(tokens) == [text]  # CLIP's decoding: word ends become spaces
+    with pytest.raises(ValueError, match="kind='clip_bpe'.*no word alignment"):
+        opened.word_alignment(text, 40)
+    with pytest.raises(ValueError, match="config.data.tokenizer.kind='wordpiece'; use one of sentencepiece, clip_bpe"):
+        tokenizer.open_tokenizer(ml_collections.ConfigDict(dict(kind="wordpiece", path=vocab)))
+    with pytest.raises(ValueError, match="needs config.data.tokenizer.path"):
+        tokenizer.open_tokenizer(ml_collections.ConfigDict(dict(kind="clip_bpe", path="")))
+    with pytest.raises(FileNotFoundError, match="missing.gz does not exist"):
+        tokenizer.open_tokenizer(ml_collections.ConfigDict(dict(kind="clip_bpe", path=str(tmp_path / "missing.gz"))))

@@ -9,9 +9,11 @@ mis-decoded text: identical on well-formed text.
 import gzip
 import html
 import unicodedata
+from collections.abc import Sequence
 
 import numpy as np
 
+KIND = "clip_bpe"  # config.data.tokenizer.kind that selects this tokenizer (path = the vocabulary file)
 SPECIALS = ("<start_of_text>", "<end_of_text>")
 CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 MAX_MERGES = 49152 - 256 - 2  # CLIP's vocabulary: 256 bytes, the same ending a word, merges, 2 specials
@@ -62,6 +64,8 @@ class ClipTokenizer:
     """texts -> int32 [n, length]: start, BPE ids (+1), end, then 0 padding; too long texts keep the end token."""
 
     def __init__(self, vocab_path: str):
+        vocab_path = str(vocab_path)
+        self.path = vocab_path
         opener = gzip.open if vocab_path.endswith(".gz") else open
         with opener(vocab_path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")[1:]  # the first line is a version header
@@ -70,6 +74,8 @@ class ClipTokenizer:
         self.byte_symbol = dict(zip(byte_order, symbols, strict=True))
         vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + list(SPECIALS)
         self.ids = {piece: i for i, piece in enumerate(vocab)}
+        self.pieces = vocab
+        self.symbol_byte = {symbol: byte for byte, symbol in self.byte_symbol.items()}
         self.ranks = {merge: i for i, merge in enumerate(merges)}
         self.start, self.end = self.ids[SPECIALS[0]], self.ids[SPECIALS[1]]
         self.vocab_size = len(vocab) + 1  # + our padding id 0
@@ -108,10 +114,32 @@ class ClipTokenizer:
             ids.extend(self.ids[part] for part in self.bpe(word))
         return ids
 
-    def __call__(self, texts: list[str], length: int) -> np.ndarray:
-        out = np.zeros((len(texts), length), np.int32)
+    def encode(self, texts: Sequence[str], max_len: int) -> np.ndarray:
+        """The text tower's int32 [n, max_len] (the same contract as tokenizer.Tokenizer.encode)."""
+        out = np.zeros((len(texts), max_len), np.int32)
         for row, text in enumerate(texts):
-            ids = [self.start, *self.clip_ids(text), self.end][:length]
+            ids = [self.start, *self.clip_ids(text), self.end][:max_len]
             ids[-1] = self.end
             out[row, : len(ids)] = np.asarray(ids) + 1
         return out
+
+    __call__ = encode
+
+    def decode(self, tokens: np.ndarray) -> list[str]:
+        """Texts back from encoded rows (padding, start and end dropped; words joined by single spaces)."""
+        texts = []
+        for row in np.atleast_2d(tokens):
+            ids = [int(t) - 1 for t in row if t > 0 and int(t) - 1 not in (self.start, self.end)]
+            symbols = "".join(self.pieces[i] for i in ids).replace("</w>", " ")
+            words = []
+            for chunk in symbols.split(" "):  # decode word by word so the spaces survive
+                if chunk:
+                    words.append(bytes(self.symbol_byte[c] for c in chunk).decode("utf-8", errors="replace"))
+            texts.append(" ".join(words))
+        return texts
+
+    def word_alignment(self, text: str, max_len: int):
+        raise ValueError(
+            f"config.data.tokenizer.kind='{KIND}' ({self.path}) has no word alignment: a method or feature that needs "
+            "words (masked language modelling, anchors) needs a sentencepiece tokenizer (kind='sentencepiece')"
+        )

@@ -18,7 +18,7 @@ from vlp_jax import progress
 from vlp_jax.data import examples, sources, transforms, world_shards
 from vlp_jax.data.dataset import PairDataset
 from vlp_jax.data.loader import LoaderOptions, read_pairs
-from vlp_jax.data.tokenizer import Tokenizer, check_model, train_tokenizer
+from vlp_jax.data.tokenizer import Tokenizer, check_model, open_tokenizer, train_tokenizer
 from vlp_jax.data.train_stream import TrainIterator, TrainSource
 
 __all__ = ["Data", "LoaderOptions", "PairDataset", "TrainIterator", "load", "load_eval", "load_tokenizer",
@@ -72,8 +72,8 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: epath.PathLike, t
     """`config.data.tokenizer.path`, or the workdir's tokenizer, trained on the training captions if missing (a
     resumed run reuses it, so it tokenises identically)."""
     settings = config.data.tokenizer
-    if settings.path:
-        tokenizer = Tokenizer(settings.path)
+    if settings.path or settings.get("kind", "sentencepiece") != "sentencepiece":
+        tokenizer = open_tokenizer(settings)  # only sentencepiece models are trained here
     else:
         path = epath.Path(workdir) / TOKENIZER_FILE
         if path.exists():

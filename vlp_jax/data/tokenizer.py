@@ -30,7 +30,8 @@ def check_model(model_path: str | epath.Path) -> epath.Path:
     if not path.exists():
         raise FileNotFoundError(
             f"tokenizer model {path} does not exist; set config.data.tokenizer.path to a sentencepiece "
-            "model, or leave it empty to train one from the training captions"
+            "model (or CLIP's BPE vocabulary with config.data.tokenizer.kind='clip_bpe'), or leave it empty to "
+            "train one from the training captions"
         )
     return path
 
@@ -84,6 +85,25 @@ class Tokenizer:
 
     def decode(self, tokens: np.ndarray) -> list[str]:
         return [self._sp.decode([int(t) for t in row if t > EOS_ID]) for row in np.atleast_2d(tokens)]
+
+
+KINDS = ("sentencepiece", "clip_bpe")  # config.data.tokenizer.kind
+
+
+def open_tokenizer(settings) -> "Tokenizer":
+    """The tokenizer `config.data.tokenizer` names: kind "sentencepiece" (ours, `path` a model file) or "clip_bpe"
+    (CLIP's byte-level BPE for imported CLIP weights, `path` its vocabulary file, e.g. bpe_simple_vocab_16e6.txt.gz)."""
+    kind = settings.get("kind", "sentencepiece")
+    if kind not in KINDS:
+        raise ValueError(f"config.data.tokenizer.kind={kind!r}; use one of {', '.join(KINDS)}")
+    if kind == "clip_bpe":
+        from vlp_jax.data.clip_bpe import ClipTokenizer
+
+        if not settings.path:
+            raise ValueError("config.data.tokenizer.kind='clip_bpe' needs config.data.tokenizer.path: CLIP's BPE "
+                             "vocabulary file (bpe_simple_vocab_16e6.txt.gz, shipped with open_clip)")
+        return ClipTokenizer(str(check_model(settings.path)))
+    return Tokenizer(settings.path)
 
 
 def train_tokenizer(texts: Iterable[str], model_path: str | epath.Path, vocab_size: int) -> Tokenizer:
