@@ -7,13 +7,14 @@ A frozen teacher is another run's encoder:
   --config.train.param_groups='{"teachers": {"pattern": "(visual|textual)_teacher/.*", "frozen": True}}'
 (and for the text side its tokenizer: --config.data.tokenizer.path=CLIP_RUN/tokenizer.model); from Python,
 `use_frozen_teachers(config, run_dir)` sets all of it.
-Variants: tiny | small | base (default; ViT-B/16) | large.
+Variants: tiny | small | base (default; ViT-B/16) | large | emoji (the tiny towers on `make data-emoji`'s shards,
+as configs/clip.py:emoji).
 """
 
 import ml_collections
 from etils import epath
 
-from configs import common
+from configs import clip, common
 from vlp_jax.data.pipeline import TOKENIZER_FILE
 
 # Shared head per size [ours]: width, blocks, attention heads, MLP width. The paper does not give its depth; 2 is
@@ -28,7 +29,8 @@ FROZEN_GROUP = {"pattern": "(visual|textual)_teacher/.*", "frozen": True}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    size = common.parse_variant(arg)
+    variant = common.parse_variant(arg, extra=("emoji",))
+    size = "tiny" if variant == "emoji" else variant
     config = common.base_config(size)
     config.method = ml_collections.ConfigDict(
         dict(
@@ -43,8 +45,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # a VQ run for images) or 'none'.
             teacher=dict(image="momentum", text="momentum", image_run="", text_run=""),
             momentum=0.99,  # θ' ← m θ' + (1 − m) θ every step (momentum teachers)
+            # The teacher sees a second view: another crop of the image / another caption of it (off = the
+            # student's own input).
+            second_view=dict(image=False, text=False),
         )
     )
+    if variant == "emoji":
+        clip.use_emoji_data(config)  # the same data, split, towers and budget as configs/clip.py:emoji
     return config
 
 

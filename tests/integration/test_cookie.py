@@ -29,6 +29,7 @@ def frozen_visual_momentum_textual():
     both teacher kinds and the teacher adapter in one config; its params, extra and single-device step."""
     config = small_cookie()
     config.method.teacher.update(dict(image="frozen", image_run="(in memory)"))
+    config.method.second_view.update(dict(image=True, text=True))  # the teachers see the batch's other views
     config.train.param_groups = {"teachers": cookie.FROZEN_GROUP}
     teacher = small_towers(clip.get_config("tiny"))
     teacher.model.embed_dim = 24  # unlike the student's 16: the adapter maps it into the joint space
@@ -38,10 +39,20 @@ def frozen_visual_momentum_textual():
     return config, pretrained, params, extra, loss_and_grads(config, pretrained, params, extra, mesh_of((1, 1, 1)))
 
 
-def loss_and_grads(config, pretrained, params, extra, mesh, seed=0):
+def batch_with_views(config, seed=0, views=None):
+    """batch_of's images and texts, plus the second views the config declares: another batch's (`views` None) or
+    the given ones."""
+    batch = batch_of(config, seed)
+    other = views if views is not None else batch_of(config, seed + 100)
+    second = config.method.second_view
+    return batch | ({"image_view": other["image"]} if second.image else {}) | (
+        {"text_view": other["text"]} if second.text else {})
+
+
+def loss_and_grads(config, pretrained, params, extra, mesh, seed=0, views=None):
     method = methods.build(config, mesh, pretrained)
     with parallel.mesh_context(mesh):
-        batch = parallel.global_batch_from_local(batch_of(config, seed), mesh)
+        batch = parallel.global_batch_from_local(batch_with_views(config, seed, views), mesh)
         fn = jax.jit(jax.value_and_grad(method.loss, has_aux=True))
         (loss, (metrics, new_extra)), grads = fn(params, extra, batch, jax.random.PRNGKey(0), jnp.int32(0))
     return loss, metrics, new_extra, grads
@@ -64,6 +75,22 @@ def test_all_three_terms_sharded_equal_single_device(frozen_visual_momentum_text
     assert np.any(grads["visual_teacher_adapter/dense/kernel"])
     for side in ("visual", "textual"):
         assert np.any(grads[f"temperatures/{side}/scale/log_scale"]), side
+
+
+def test_the_teachers_see_the_second_views(frozen_visual_momentum_textual):
+    """With views equal to the student's own inputs the loss is that of second_view off; other views change it."""
+    config, pretrained, params, extra, want = frozen_visual_momentum_textual
+    assert methods.build(config, mesh_of((1, 1, 1)), pretrained).features(config) == (
+        "image", "text", "image_view", "text_view")
+    same = loss_and_grads(config, pretrained, params, extra, mesh_of((1, 1, 1)), views=batch_of(config, 0))
+    off = config.copy_and_resolve_references()
+    off.method.second_view.update(dict(image=False, text=False))
+    reference = loss_and_grads(off, pretrained, params, extra, mesh_of((1, 1, 1)))
+    np.testing.assert_allclose(same[0], reference[0], rtol=1e-6)
+    for term in TERMS:
+        np.testing.assert_allclose(same[1][term], reference[1][term], rtol=1e-6, err_msg=term)
+        if term != "cross_loss":  # the views reach only the knowledge-sharing terms
+            assert abs(float(want[1][term]) - float(reference[1][term])) > 1e-4, term
 
 
 def test_a_frozen_clip_teacher_stays_bit_identical_through_training(trained_runs, tmp_path):

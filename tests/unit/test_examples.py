@@ -139,3 +139,34 @@ def test_unknown_features_are_errors_naming_them(tmp_path):
         pipeline.load(tiny_config(), tmp_path, features=("image", "depth"))
     with pytest.raises(ValueError, match="data feature 'boxes' needs 'image' declared too"):
         examples.check_features(("text", "boxes"))
+
+
+def test_second_views_are_another_crop_and_another_caption_and_leave_the_first_views_as_they_were(
+        world, world_tokenizer):
+    _, world_records = world
+    options = image_options()
+    views = ("image", "text", "image_view", "text_view")
+    assert examples.check_features(("text_view", "image_view", "text", "image")) == views
+    with pytest.raises(ValueError, match="'text_view' needs 'text'"):
+        examples.check_features(("image", "text_view"))
+    for seed, record in enumerate(world_records):
+        example = build(record, options, world_tokenizer, seed, features=views)
+        plain = build(record, options, world_tokenizer, seed, features=("image", "text"))
+        np.testing.assert_array_equal(example["image"], plain["image"])  # drawn first: unchanged by the views
+        np.testing.assert_array_equal(example["text"], plain["text"])
+        # The second crop: what train_image draws next from the same generator.
+        rng = np.random.default_rng(seed)
+        transforms.train_image(record.image, options, rng)
+        caption_draw = int(rng.integers(len(record.captions)))
+        second, _ = transforms.train_image(record.image, options, rng)
+        np.testing.assert_array_equal(example["image_view"], second)
+        assert not np.array_equal(example["image_view"], example["image"])
+        # Another caption of the same record, never the student's when it has others.
+        chosen = record.captions[caption_draw]
+        others = [c for c in record.captions if c != chosen]
+        assert len(others) >= 1
+        assert world_tokenizer.decode(example["text_view"])[0] in [world_tokenizer.decode(
+            world_tokenizer.encode([c], MAX_LEN))[0] for c in others]
+    one = ImageTextRecord(image=world_records[0].image, captions=["only one"], id="one")
+    single = build(one, options, world_tokenizer, 0, features=views)
+    np.testing.assert_array_equal(single["text_view"], single["text"])  # no other caption: the same one

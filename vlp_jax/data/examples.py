@@ -121,13 +121,29 @@ def anchors_feature(building: Building, options: FeatureOptions) -> dict[str, np
             "token_words": token_words, "boxes_dropped": np.int32(building.dropped_boxes)}
 
 
+def image_view_feature(building: Building, options: FeatureOptions) -> dict[str, np.ndarray]:
+    """"image_view": a second random resized crop of the same image, drawn independently of "image" (uint8
+    [S, S, 3]); e.g. what a teacher sees while the student sees "image"."""
+    image, _ = transforms.train_image(building.record.image, options.image, building.rng)
+    return {"image_view": image}
+
+
+def text_view_feature(building: Building, options: FeatureOptions) -> dict[str, np.ndarray]:
+    """"text_view": another of the record's captions, uniformly among those that differ from the one "text" chose
+    (the same caption when the record has no other), int32 [L]."""
+    others = [caption for caption in building.captions if caption != building.caption] or [building.caption]
+    caption = others[int(building.rng.integers(len(others)))]
+    return {"text_view": options.tokenizer.encode([caption], options.max_len)[0]}
+
+
 # One builder per feature a method may declare (Method.features). They run in this order for every record, so
-# the random draws keep their order (crop, then caption) whatever else is declared.
+# the random draws keep their order (crop, then caption, ...) whatever else is declared: new builders go last.
 FEATURES: dict[str, Callable[[Building, FeatureOptions], dict[str, np.ndarray]]] = {
     "image": image_feature, "text": text_feature, "boxes": boxes_feature, "anchors": anchors_feature,
+    "image_view": image_view_feature, "text_view": text_view_feature,
 }
 # A builder that reads what others leave in Building.
-_NEEDS = {"boxes": ("image",), "anchors": ("text", "boxes")}
+_NEEDS = {"boxes": ("image",), "anchors": ("text", "boxes"), "text_view": ("text",)}
 
 
 def check_features(features) -> tuple[str, ...]:

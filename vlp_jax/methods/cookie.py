@@ -27,8 +27,12 @@ inference time. Every detail below is ours:
   and kept bit-identical by a frozen parameter group (optimizer.py; the method refuses to start without one);
   'none' — the term is off. When a frozen teacher's embedding width differs from `config.model.embed_dim`, a
   learned linear map (+ L2 normalisation) takes the teacher's embedding into the joint space.
-- [ours] One learnable temperature per term (CLIP's clipped log-scale, init `temperature`); the second augmented
-  view of the visual term is not implemented: the teacher sees the same image as the student.
+- [ours] One learnable temperature per term (CLIP's clipped log-scale, init `temperature`).
+- [ours] Second views (`config.method.second_view.image` / `.text`, off by default): the teacher embeds another
+  random resized crop of the same image (data feature "image_view") / another caption of the same image
+  ("text_view", one that differs from the student's when the image has several) instead of the student's own
+  input, so the term also teaches invariance to the augmentation / to the wording (as in MoCo, BYOL, SimCSE's
+  supervised variant).
 
 Logged: each term's loss and top-1 accuracy, each temperature, and per knowledge-sharing term the teacher
 agreement (mean cosine between the student's and the teacher's embedding of the same input).
@@ -46,7 +50,7 @@ from etils import epath
 from vlp_jax.checkpoint import leaves_by_path
 from vlp_jax.data.pipeline import TOKENIZER_FILE
 from vlp_jax.methods import vq
-from vlp_jax.methods.base import LoadedRun, Method, Pretrained, PyTree
+from vlp_jax.methods.base import IMAGE_TEXT, LoadedRun, Method, Pretrained, PyTree, image_text_example
 from vlp_jax.models import vq as vq_model
 from vlp_jax.models.dual_encoder import DualEncoder, image_tower, text_tower
 from vlp_jax.models.heads import Projection, Temperature, l2_normalize
@@ -58,6 +62,8 @@ from vlp_jax.optimizer import UNGROUPED, param_groups
 TEACHER_KINDS = ("momentum", "frozen", "none")
 # Knowledge-sharing term -> (modality, its input in the batch).
 SIDES = {"visual": "image", "textual": "text"}
+# Knowledge-sharing term -> the data feature of its second view (config.method.second_view).
+VIEW_FEATURES = {"visual": "image_view", "textual": "text_view"}
 TERMS = ("cross", *SIDES)
 TOWER_RUNS = ("clip", "cots")  # runs whose params hold a DualEncoder under "towers": frozen teachers of both sides
 
@@ -228,6 +234,18 @@ class CookieMethod(Method):
     """COOKIE on the Method protocol; `extra` = {"ema": the momentum student} when a side has a momentum teacher."""
 
     @classmethod
+    def features(cls, config):
+        views = config.method.get("second_view", {})
+        return (*IMAGE_TEXT, *(VIEW_FEATURES[side] for side, modality in SIDES.items() if views.get(modality)))
+
+    @classmethod
+    def example_batch(cls, config):
+        example = image_text_example(config)
+        views = config.method.get("second_view", {})
+        return example | {VIEW_FEATURES[side]: example[modality] for side, modality in SIDES.items()
+                          if views.get(modality)}
+
+    @classmethod
     def pretrained(cls, config):
         method = config.method
         return {teacher_key(side): Pretrained(f"method.teacher.{modality}_run") for side, modality in SIDES.items()
@@ -287,7 +305,7 @@ class CookieMethod(Method):
         metrics = {"cross_loss": cross["loss"], "i2t_accuracy": cross["accuracy"], "temperature": 1.0 / scales["cross"]}
         embeddings = {"visual": image, "textual": text}
         for side in self.terms[1:]:
-            inputs = batch[SIDES[side]]
+            inputs = batch.get(VIEW_FEATURES[side], batch[SIDES[side]])  # the second view when declared
             teacher = jax.lax.stop_gradient(self.teacher_embedding(side, params, new_extra, inputs))
             if self.needs_adapter(side):
                 teacher = self.adapter.apply({"params": params[adapter_key(side)]}, teacher)
