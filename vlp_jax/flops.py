@@ -39,6 +39,12 @@ def text_tower_flops(text: ml_collections.ConfigDict, embed_dim: int) -> float:
     return encoder_flops(text.max_len, text.width, text.depth, text.mlp_dim) + projection
 
 
+def tower_encode_flops(model_config: ml_collections.ConfigDict) -> dict[str, float]:
+    """Forward FLOPs of embedding one image / one text with the two towers and their projections."""
+    return {"image": image_tower_flops(model_config.image, model_config.embed_dim),
+            "text": text_tower_flops(model_config.text, model_config.embed_dim)}
+
+
 def clip_forward_flops_per_pair(model_config: ml_collections.ConfigDict) -> float:
     """Forward FLOPs of both towers for one image-text pair; model_config is `config.model`."""
     embed_dim = model_config.embed_dim

@@ -30,17 +30,17 @@ def efficiency_report(
     image_seconds: float,
     text_seconds: float,
     product_seconds: float,
+    encode_flops: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Measured two-stream retrieval time beside the estimated cross-encoder time for the same N × M.
 
     image_seconds / text_seconds: wall time to embed the N images / M texts; product_seconds: wall time of the
-    [N, M] score product (every image against every text, each image's best kept).
+    [N, M] score product (every image against every text, each image's best kept); encode_flops: the method's
+    forward FLOPs per image and per text (Method.encode_flops; default the towers and projections alone).
     """
+    per_input = encode_flops or flops.tower_encode_flops(model)
     encode_seconds = image_seconds + text_seconds
-    encode_flops = (
-        num_images * flops.image_tower_flops(model.image, model.embed_dim)
-        + num_texts * flops.text_tower_flops(model.text, model.embed_dim)
-    )
+    encode_flops = num_images * per_input["image"] + num_texts * per_input["text"]
     flops_per_second = encode_flops / encode_seconds  # what the encoders reached on this machine
     pair_flops = cross_encoder_flops_per_pair(model)
     two_stream_seconds = encode_seconds + product_seconds

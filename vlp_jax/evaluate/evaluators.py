@@ -126,8 +126,9 @@ class EfficiencyEvaluator(Evaluator):
         started = time.perf_counter()
         scorer.top_k(images, texts, 1)  # every image against every text, keeping each image's best
         product_seconds = time.perf_counter() - started
-        speed = efficiency.efficiency_report(self.context.config.model, len(images), len(texts), image_seconds,
-                                             text_seconds, product_seconds)
+        config = self.context.config
+        speed = efficiency.efficiency_report(config.model, len(images), len(texts), image_seconds, text_seconds,
+                                             product_seconds, type(self.context.method).encode_flops(config))
         result = set_result(evaluation, "efficiency", speed, key_prefix="efficiency/")
         result.summary.append(
             f"{evaluation.name} efficiency: {speed['num_images']} images x {speed['num_texts']} texts, two-stream "

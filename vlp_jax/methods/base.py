@@ -20,6 +20,8 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
+from vlp_jax import flops
+
 PyTree = Any
 Batch = dict[str, jax.Array]  # "image": uint8 [B, H, W, 3], "text": int32 [B, L], and what `features` declares
 IMAGE_TEXT = ("image", "text")  # the features of a two-tower method
@@ -83,6 +85,12 @@ class Method:
     def example_batch(cls, config: ml_collections.ConfigDict) -> dict[str, Feature]:
         """The arrays of one training example (the batch's keys, without the batch axis)."""
         return image_text_example(config)
+
+    @classmethod
+    def encode_flops(cls, config: ml_collections.ConfigDict) -> dict[str, float]:
+        """Forward FLOPs of `encode` per image and per text (the efficiency evaluator's FLOP rate): the towers and
+        their projections; a method that adds layers on top (COOKIE's shared head) adds theirs."""
+        return flops.tower_encode_flops(config.model)
 
     @classmethod
     def pretrained(cls, config: ml_collections.ConfigDict) -> dict[str, Pretrained]:

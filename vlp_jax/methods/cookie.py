@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
+from vlp_jax import flops
 from vlp_jax.checkpoint import leaves_by_path
 from vlp_jax.data.pipeline import TOKENIZER_FILE
 from vlp_jax.methods import vq
@@ -244,6 +245,20 @@ class CookieMethod(Method):
         views = config.method.get("second_view", {})
         return example | {VIEW_FEATURES[side]: example[modality] for side, modality in SIDES.items()
                           if views.get(modality)}
+
+    @classmethod
+    def encode_flops(cls, config):
+        """The towers' FLOPs plus the shared head's on each modality's tokens (adapter, blocks, projection)."""
+        model, head = config.model, config.method.head
+        image_tokens = (model.image.image_size // model.image.patch_size) ** 2 + (model.image.pool == "cls")
+        towers = super().encode_flops(config)
+
+        def head_flops(tokens: int, tower_width: int) -> float:
+            blocks = flops.encoder_flops(tokens + (head.pool == "cls"), head.width, head.depth, head.mlp_dim)
+            return 2 * tokens * tower_width * head.width + blocks + 2 * head.width * model.embed_dim
+
+        return {"image": towers["image"] + head_flops(image_tokens, model.image.width),
+                "text": towers["text"] + head_flops(model.text.max_len, model.text.width)}
 
     @classmethod
     def pretrained(cls, config):
