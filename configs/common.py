@@ -93,7 +93,12 @@ def model_config(size: str) -> ml_collections.ConfigDict:
             ),
             embed_dim=towers["embed_dim"],
             dtype="float32" if size == "tiny" else "bfloat16",
-            remat=False,
+            # What each transformer block keeps for the backward pass (models/layers.py REMAT_POLICIES): "none",
+            # "full" (everything recomputed), "dots" (matmul outputs kept), "dots_no_batch" (weight matmuls kept).
+            remat="none",
+            # Both towers' blocks as one nn.scan over stacked parameters: compile time independent of depth, the
+            # same outputs; checkpoints differ in layout (layers.stack_blocks / unstack_blocks convert).
+            scan_layers=False,
             # Both towers' MLP activation (models/layers.py ACTIVATIONS): "gelu" (tanh approximation), "gelu_exact"
             # (open_clip's weights), "quick_gelu" (OpenAI's).
             activation="gelu",

@@ -34,7 +34,8 @@ from vlp_jax.memory import format_bytes
 # (the data loader's worker/prefetch settings included: the data order does not depend on them; nor the eval set,
 # so --mode=eval may score a checkpoint on other data; init_from and init.* act before the first step only).
 RESUMABLE_CHANGES = ("eval.", "checkpoint.", "train.log_every", "train.steps", "train.device_memory_bytes",
-                     "mesh.", "init_from", "init.", "data.loader.", "data.eval_sources", "data.group_label")
+                     "mesh.", "init_from", "init.", "data.loader.", "data.eval_sources", "data.group_label",
+                     "model.remat")  # remat trades memory for time: the same results
 ITEMS = ("state", "data", "config")
 # Replicated arrays smaller than this per replica slice are written from one replica. Orbax's replica-parallel
 # save slices every replicated array on its device first, an op compiled per shape: a model's first save blocked

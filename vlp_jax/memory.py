@@ -60,7 +60,7 @@ def check_fits(compiled, available_bytes: int = 0) -> MemoryEstimate:
         raise MemoryError(
             f"The train step needs {format_bytes(estimate.per_device_bytes)} per device but only "
             f"{format_bytes(estimate.available_bytes)} are available. Lower --config.train.batch_size, set "
-            "--config.model.remat=True (recompute activations), or shard parameters and optimizer state with "
+            "--config.model.remat=full (recompute activations), or shard parameters and optimizer state with "
             "--config.mesh.fsdp=<devices> (and --config.mesh.data=-1)."
         )
     return estimate

@@ -27,6 +27,7 @@ LOGICAL_AXIS_RULES = (
     ("mlp", "model"),
     ("heads", "model"),
     ("kv", None),
+    ("layers", None),  # the stacked axis of scanned transformer blocks (config.model.scan_layers)
     ("vocab", "model"),
     ("joint", None),
     ("length", None),

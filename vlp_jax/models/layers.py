@@ -154,21 +154,77 @@ class EncoderBlock(nn.Module):
         return constrain(x, ("batch", "act_len", "act_embed"))
 
 
+# config.model.remat: what a block keeps for the backward pass; the rest is recomputed (jax.checkpoint policies).
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: every activation kept (fastest, most memory)
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the block's input kept, everything recomputed
+    "dots": jax.checkpoint_policies.dots_saveable,  # matmul outputs kept, elementwise work recomputed
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # weight matmuls kept, attention not
+}
+
+
+def remat_policy(remat: bool | str) -> tuple[bool, Callable | None]:
+    """(whether to rematerialise, the jax.checkpoint policy) of config.model.remat: False/"none", True/"full",
+    "dots" or "dots_no_batch"; anything else is a ValueError naming the choices."""
+    name = {False: "none", True: "full"}.get(remat, remat) if isinstance(remat, bool) else remat
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"config.model.remat={remat!r}; use one of {', '.join(REMAT_POLICIES)} (or True/False)")
+    return name != "none", REMAT_POLICIES[name]
+
+
+class _ScannedBlock(EncoderBlock):
+    """An EncoderBlock with nn.scan's signature: (carry, broadcast mask) -> (carry, no output)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None):
+        return super().__call__(x, mask), None
+
+
 class Encoder(nn.Module):
-    """A stack of `depth` pre-LN blocks and a final LayerNorm; `remat` recomputes block activations in backward."""
+    """A stack of `depth` pre-LN blocks and a final LayerNorm.
+
+    `remat` (REMAT_POLICIES) recomputes block activations in the backward pass. `scan` runs the blocks as one
+    `nn.scan` over a stacked parameter set ("blocks", a leading "layers" axis) instead of `depth` unrolled copies
+    ("block0", "block1", ...): one block is traced and compiled whatever the depth; with the same parameters
+    (`stack_blocks`) the outputs equal the unrolled stack's.
+    """
 
     depth: int
     heads: int
     mlp_dim: int
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
     activation: str = "gelu"
     layer_norm_eps: float = 1e-6
+    scan: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        block_cls = nn.remat(EncoderBlock) if self.remat else EncoderBlock
-        for i in range(self.depth):
-            x = block_cls(self.heads, self.mlp_dim, self.dtype, self.activation, self.layer_norm_eps,
-                          name=f"block{i}")(x, mask)
+        rematerialise, policy = remat_policy(self.remat)
+        settings = (self.heads, self.mlp_dim, self.dtype, self.activation, self.layer_norm_eps)
+        if self.scan:
+            body = nn.remat(_ScannedBlock, policy=policy, prevent_cse=False) if rematerialise else _ScannedBlock
+            blocks = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(nn.broadcast,),
+                             length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = blocks(*settings, name="blocks")(x, mask)
+        else:
+            block_cls = nn.remat(EncoderBlock, policy=policy) if rematerialise else EncoderBlock
+            for i in range(self.depth):
+                x = block_cls(*settings, name=f"block{i}")(x, mask)
         return layer_norm(self.dtype, "ln_final", self.layer_norm_eps)(x)
+
+
+def stack_blocks(encoder: dict, depth: int) -> dict:
+    """An unrolled Encoder's parameters ("block0" ... "block{depth-1}") in the scanned layout ("blocks", each leaf
+    stacked on a new leading axis); other entries (ln_final) unchanged."""
+    blocks = [encoder[f"block{i}"] for i in range(depth)]
+    rest = {name: value for name, value in encoder.items() if not name.startswith("block")}
+    return rest | {"blocks": jax.tree.map(lambda *leaves: jnp.stack(leaves), *blocks)}
+
+
+def unstack_blocks(encoder: dict) -> dict:
+    """The scanned layout back to the unrolled one (`stack_blocks`'s inverse)."""
+    stacked = encoder["blocks"]
+    depth = jax.tree.leaves(stacked)[0].shape[0]
+    rest = {name: value for name, value in encoder.items() if name != "blocks"}
+    return rest | {f"block{i}": jax.tree.map(lambda leaf, i=i: leaf[i], stacked) for i in range(depth)}

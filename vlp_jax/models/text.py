@@ -25,7 +25,8 @@ class TextTransformer(nn.Module):
     mlp_dim: int
     pool: str = "eos"
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
+    scan: bool = False  # the encoder's blocks as one nn.scan (layers.Encoder)
     causal: bool = False
     activation: str = "gelu"
     layer_norm_eps: float = 1e-6
@@ -60,7 +61,7 @@ class TextTransformer(nn.Module):
         length = tokens.shape[1]
         attend = mask[:, None, :] & jnp.tril(jnp.ones((length, length), bool)) if self.causal else mask  # [b, l, l]
         x = Encoder(self.depth, self.heads, self.mlp_dim, self.dtype, self.remat, self.activation, self.layer_norm_eps,
-                    name="encoder")(x, attend)
+                    self.scan, name="encoder")(x, attend)
         if self.pool == "eos":
             last = jnp.maximum(mask.sum(axis=1) - 1, 0)  # [b] index of the last real token
             pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]

@@ -1,0 +1,97 @@
+"""Scanned transformer blocks (config.model.scan_layers) and remat policies (config.model.remat): the same loss and
+gradients as the unrolled stack with the same parameters, on one device and sharded."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import clip
+from tests.helpers import small_towers
+from vlp_jax import methods, parallel
+from vlp_jax.checkpoint import leaves_by_path
+from vlp_jax.models import layers
+
+ENCODERS = (("towers", "image_tower", "encoder"), ("towers", "text_tower", "encoder"))
+
+
+def mesh_of(shape):
+    devices = np.prod(shape)
+    axes = ml_collections.ConfigDict(dict(zip(parallel.MESH_AXES, shape, strict=True)))
+    return parallel.make_mesh(axes, devices=jax.devices()[:devices])
+
+
+def config_of(scan: bool, remat="none"):
+    config = small_towers(clip.get_config("tiny"))
+    config.model.image.depth = config.model.text.depth = 3
+    config.model.update(dict(scan_layers=scan, remat=remat))
+    return config
+
+
+def batch_of(config, size=8):
+    rng = np.random.default_rng(0)
+    text = rng.integers(4, config.model.text.vocab_size, (size, config.model.text.max_len)).astype(np.int32)
+    text[:, 0], text[:, 7], text[:, 8:] = 2, 3, 0
+    pixels = config.model.image.image_size
+    return {"image": rng.integers(0, 256, (size, pixels, pixels, 3), dtype=np.uint8), "text": text}
+
+
+def convert(params, change):
+    """`params` with both towers' encoders converted by `change` (layers.stack_blocks / unstack_blocks)."""
+    params = jax.tree.map(lambda x: x, params)  # a copy of the nesting
+    for path in ENCODERS:
+        parent = params
+        for key in path[:-1]:
+            parent[key] = dict(parent[key])
+            parent = parent[key]
+        parent[path[-1]] = change(parent[path[-1]])
+    return params
+
+
+def loss_and_grads(config, params, mesh):
+    method = methods.build(config, mesh)
+    with parallel.mesh_context(mesh):
+        batch = parallel.global_batch_from_local(batch_of(config), mesh)
+        fn = jax.jit(jax.value_and_grad(method.loss, has_aux=True))
+        (loss, _), grads = fn(params, {}, batch, jax.random.PRNGKey(0), jnp.int32(0))
+    return float(loss), grads
+
+
+@pytest.fixture(scope="module")
+def unrolled():
+    config = config_of(scan=False)
+    method = methods.build(config, mesh_of((1, 1, 1)))
+    params, _ = nn.meta.unbox(jax.jit(method.init)(jax.random.PRNGKey(0), batch_of(config)))
+    return params, loss_and_grads(config, params, mesh_of((1, 1, 1)))
+
+
+@pytest.mark.parametrize("remat, shape", [("none", (1, 1, 1)), ("full", (1, 1, 1)), ("dots", (2, 2, 2))])
+def test_scanned_blocks_give_the_unrolled_loss_and_gradients(unrolled, remat, shape):
+    params, (want_loss, want_grads) = unrolled
+    config = config_of(scan=True, remat=remat)
+    method = methods.build(config, mesh_of(shape))
+    scanned_init, _ = nn.meta.unbox(jax.jit(method.init)(jax.random.PRNGKey(0), batch_of(config)))
+    stacked = convert(params, lambda encoder: layers.stack_blocks(encoder, 3))
+    # The scanned model's own parameter tree has exactly the stacked layout: one "blocks" set, a leading axis of 3.
+    assert jax.tree.map(jnp.shape, scanned_init) == jax.tree.map(jnp.shape, stacked)
+    assert "towers/image_tower/encoder/blocks/mlp/fc1/kernel" in leaves_by_path(scanned_init)
+    loss, grads = loss_and_grads(config, stacked, mesh_of(shape))
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    got = leaves_by_path(convert(grads, layers.unstack_blocks))
+    want = leaves_by_path(want_grads)
+    assert sorted(got) == sorted(want)
+    for path, value in want.items():
+        np.testing.assert_allclose(got[path], value, rtol=2e-4, atol=1e-5, err_msg=path)  # sharded sums: reordered
+
+
+def test_stacking_round_trips_and_bad_remat_names_are_refused(unrolled):
+    params, _ = unrolled
+    encoder = params["towers"]["image_tower"]["encoder"]
+    back = layers.unstack_blocks(layers.stack_blocks(encoder, 3))
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), back, encoder))
+    with pytest.raises(ValueError, match="config.model.remat='some'; use one of none, full, dots, dots_no_batch"):
+        layers.remat_policy("some")
+    assert layers.remat_policy(True) == (True, jax.checkpoint_policies.nothing_saveable)
+    assert layers.remat_policy(False) == (False, None)
