@@ -99,6 +99,9 @@ def model_config(size: str) -> ml_collections.ConfigDict:
             # Both towers' blocks as one nn.scan over stacked parameters: compile time independent of depth, the
             # same outputs; checkpoints differ in layout (layers.stack_blocks / unstack_blocks convert).
             scan_layers=False,
+            # Both towers' attention kernel (models/layers.py ATTENTION): "xla" (every backend), "cudnn" (NVIDIA
+            # flash attention: bfloat16, head dim % 8), "auto" (cuDNN where it applies, XLA elsewhere).
+            attention="xla",
             # Both towers' MLP activation (models/layers.py ACTIVATIONS): "gelu" (tanh approximation), "gelu_exact"
             # (open_clip's weights), "quick_gelu" (OpenAI's).
             activation="gelu",

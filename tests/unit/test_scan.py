@@ -1,4 +1,5 @@
-"""Scanned transformer blocks (config.model.scan_layers) and remat policies (config.model.remat): the same loss and
+"""Scanned transformer blocks (config.model.scan_layers), remat policies (config.model.remat) and the attention kernel
+choice (config.model.attention): the same loss and
 gradients as the unrolled stack with the same parameters, on one device and sharded."""
 
 import flax.linen as nn
@@ -95,3 +96,33 @@ def test_stacking_round_trips_and_bad_remat_names_are_refused(unrolled):
         layers.remat_policy("some")
     assert layers.remat_policy(True) == (True, jax.checkpoint_policies.nothing_saveable)
     assert layers.remat_policy(False) == (False, None)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_cudnn_masking_arguments_give_the_masked_attention(causal):
+    """What cuDNN receives (key lengths and is_causal instead of a boolean mask) is the same attention: run
+    through XLA here (cuDNN itself needs an NVIDIA GPU), every real query row equals the boolean-mask path's."""
+    rng = np.random.default_rng(0)
+    b, t, h, d = 3, 7, 2, 8
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32) for _ in range(3))
+    mask = jnp.asarray(np.arange(t)[None, :] < np.array([[7], [4], [1]]))  # end padding, lengths 7, 4, 1
+    masked = jax.nn.dot_product_attention(q, k, v, **layers.attention_arguments(mask, causal, False, t))
+    lengths = jax.nn.dot_product_attention(q, k, v, **layers.attention_arguments(mask, causal, True, t))
+    real = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(lengths)[real], np.asarray(masked)[real], rtol=1e-6, atol=1e-6)
+    # The causal flag changes the attention: the comparison can fail.
+    other = jax.nn.dot_product_attention(q, k, v, **layers.attention_arguments(mask, not causal, True, t))
+    assert np.abs(np.asarray(other)[real] - np.asarray(masked)[real]).max() > 1e-3
+
+
+def test_attention_choices_resolve_by_dtype_head_dim_and_backend():
+    mask = jnp.ones((2, 4), bool)
+    assert layers.attention_implementation("xla", jnp.bfloat16, 64, mask) == "xla"
+    expected = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    assert layers.attention_implementation("auto", jnp.bfloat16, 64, mask) == expected
+    assert layers.attention_implementation("auto", jnp.float32, 64, mask) == "xla"  # cuDNN needs 16-bit floats
+    assert layers.attention_implementation("auto", jnp.bfloat16, 12, None) == "xla"  # head dim not a multiple of 8
+    with pytest.raises(ValueError, match="'cudnn' needs bfloat16/float16 .*float32"):
+        layers.attention_implementation("cudnn", jnp.float32, 64, mask)
+    with pytest.raises(ValueError, match="config.model.attention='flash'; use one of xla, cudnn, auto"):
+        layers.attention_implementation("flash", jnp.bfloat16, 64, mask)

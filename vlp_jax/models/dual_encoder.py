@@ -52,7 +52,7 @@ def image_tower(cfg: ml_collections.ConfigDict) -> VisionTransformer:
         image_size=cfg.image.image_size, patch_size=cfg.image.patch_size, width=cfg.image.width,
         depth=cfg.image.depth, heads=cfg.image.heads, mlp_dim=cfg.image.mlp_dim, pool=cfg.image.pool,
         dtype=jnp.dtype(cfg.dtype), remat=cfg.remat, pre_norm=cfg.image.get("pre_norm", False),
-        scan=cfg.get("scan_layers", False),
+        scan=cfg.get("scan_layers", False), attention=cfg.get("attention", "xla"),
         activation=cfg.get("activation", "gelu"), layer_norm_eps=cfg.get("layer_norm_eps", 1e-6),
     )
 
@@ -64,5 +64,5 @@ def text_tower(cfg: ml_collections.ConfigDict) -> TextTransformer:
         depth=cfg.text.depth, heads=cfg.text.heads, mlp_dim=cfg.text.mlp_dim, pool=cfg.text.pool,
         dtype=jnp.dtype(cfg.dtype), remat=cfg.remat, causal=cfg.text.get("causal", False),
         activation=cfg.get("activation", "gelu"), layer_norm_eps=cfg.get("layer_norm_eps", 1e-6),
-        scan=cfg.get("scan_layers", False),
+        scan=cfg.get("scan_layers", False), attention=cfg.get("attention", "xla"),
     )

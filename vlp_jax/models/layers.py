@@ -100,16 +100,54 @@ class MlpBlock(nn.Module):
         )(x)
 
 
+# config.model.attention: how jax.nn.dot_product_attention runs. "xla": XLA's fused path with a boolean mask
+# (every backend); "cudnn": cuDNN's flash attention (NVIDIA GPUs; bfloat16/float16, head dim a multiple of 8, padding
+# as sequence lengths and causality as a flag instead of a mask); "auto": cuDNN where those hold, XLA elsewhere.
+ATTENTION = ("xla", "cudnn", "auto")
+
+
+def attention_implementation(choice: str, dtype: Dtype, head_dim: int, mask: jax.Array | None) -> str:
+    """The implementation `choice` (ATTENTION) resolves to for these inputs: "xla" or "cudnn"."""
+    if choice not in ATTENTION:
+        raise ValueError(f"config.model.attention={choice!r}; use one of {', '.join(ATTENTION)}")
+    fits = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
+            and (mask is None or mask.ndim == 2))
+    if choice == "cudnn" and not fits:
+        raise ValueError(f"config.model.attention='cudnn' needs bfloat16/float16 (model dtype {jnp.dtype(dtype)}), "
+                         f"a head dim that is a multiple of 8 (got {head_dim}) and a padding mask of shape [b, t]; "
+                         "use 'auto' to fall back to XLA where these do not hold")
+    if choice == "auto":
+        return "cudnn" if fits and jax.default_backend() == "gpu" else "xla"
+    return choice
+
+
+def attention_arguments(mask: jax.Array | None, causal: bool, as_lengths: bool, length: int) -> dict:
+    """jax.nn.dot_product_attention's masking arguments for a padding `mask` ([b, t] True at real tokens, padding
+    at the end; or [b, t_q, t_k] for XLA only) and `causal`: a boolean mask (XLA) or, `as_lengths`, key sequence
+    lengths and is_causal (what cuDNN takes; the same attention for end-padded masks)."""
+    if as_lengths:
+        lengths = None if mask is None else mask.sum(axis=-1).astype(jnp.int32)
+        return {"key_value_seq_lengths": lengths, "is_causal": causal}
+    # [b, 1, 1, t_k] (broadcast over heads and queries) or [b, 1, t_q, t_k] (broadcast over heads)
+    attend = None if mask is None else mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]
+    if causal:
+        lower = jnp.tril(jnp.ones((length, length), bool))[None, None]
+        attend = lower if attend is None else attend & lower
+    return {"mask": attend}
+
+
 class SelfAttention(nn.Module):
-    """Multi-head self-attention; `mask` [b, t] is True at tokens that may be attended to, or [b, t_q, t_k] per query
-    (e.g. causal).
+    """Multi-head self-attention; `mask` [b, t] is True at tokens that may be attended to (padding at the end), or
+    [b, t_q, t_k] per query; `causal` adds a causal mask (CLIP's text tower).
 
     Projections are explicit einsums over [embed, heads, kv] kernels (flax's DenseGeneral initialises a
-    flattened kernel, which cannot carry 3-axis logical partitioning).
+    flattened kernel, which cannot carry 3-axis logical partitioning). `attention` picks the kernel (ATTENTION).
     """
 
     heads: int
     dtype: Dtype = jnp.float32
+    causal: bool = False
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -127,9 +165,10 @@ class SelfAttention(nn.Module):
             return constrain(y, ("batch", "act_len", "act_heads", "act_kv"))
 
         query, key, value = project("query"), project("key"), project("value")
-        # [b, 1, 1, t_k] (broadcast over heads and queries) or [b, 1, t_q, t_k] (broadcast over heads)
-        attn_mask = None if mask is None else mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]
-        y = jax.nn.dot_product_attention(query, key, value, mask=attn_mask)  # [b, t, heads, head_dim]
+        implementation = attention_implementation(self.attention, self.dtype, head_dim, mask)
+        masking = attention_arguments(mask, self.causal, implementation == "cudnn", x.shape[1])
+        y = jax.nn.dot_product_attention(query, key, value, **masking,
+                                         implementation="cudnn" if implementation == "cudnn" else None)
         out_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1), out_axis=2)
         kernel = self.param("out", partitioned(out_init, ("heads", "kv", "embed")), (self.heads, head_dim, width))
         bias = self.param("out_bias", partitioned(nn.initializers.zeros, ("embed",)), (width,))
@@ -144,11 +183,14 @@ class EncoderBlock(nn.Module):
     dtype: Dtype = jnp.float32
     activation: str = "gelu"
     layer_norm_eps: float = 1e-6
+    causal: bool = False
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         eps = self.layer_norm_eps
-        x = x + SelfAttention(self.heads, self.dtype, name="attention")(layer_norm(self.dtype, "ln1", eps)(x), mask)
+        attend = SelfAttention(self.heads, self.dtype, self.causal, self.attention, name="attention")
+        x = x + attend(layer_norm(self.dtype, "ln1", eps)(x), mask)
         x = constrain(x, ("batch", "act_len", "act_embed"))
         x = x + MlpBlock(self.mlp_dim, self.dtype, self.activation, name="mlp")(layer_norm(self.dtype, "ln2", eps)(x))
         return constrain(x, ("batch", "act_len", "act_embed"))
@@ -197,11 +239,14 @@ class Encoder(nn.Module):
     activation: str = "gelu"
     layer_norm_eps: float = 1e-6
     scan: bool = False
+    causal: bool = False  # causal self-attention on top of `mask`
+    attention: str = "xla"  # ATTENTION
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         rematerialise, policy = remat_policy(self.remat)
-        settings = (self.heads, self.mlp_dim, self.dtype, self.activation, self.layer_norm_eps)
+        settings = (self.heads, self.mlp_dim, self.dtype, self.activation, self.layer_norm_eps, self.causal,
+                    self.attention)
         if self.scan:
             body = nn.remat(_ScannedBlock, policy=policy, prevent_cse=False) if rematerialise else _ScannedBlock
             blocks = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(nn.broadcast,),

@@ -27,6 +27,7 @@ class TextTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool | str = False
     scan: bool = False  # the encoder's blocks as one nn.scan (layers.Encoder)
+    attention: str = "xla"  # layers.ATTENTION
     causal: bool = False
     activation: str = "gelu"
     layer_norm_eps: float = 1e-6
@@ -58,10 +59,8 @@ class TextTransformer(nn.Module):
             x = MaskEmbedding(name="mask_embedding")(x, token_mask)
         x = x + pos[:, : tokens.shape[1]].astype(self.dtype)
         x = constrain(x, ("batch", "act_len", "act_embed"))
-        length = tokens.shape[1]
-        attend = mask[:, None, :] & jnp.tril(jnp.ones((length, length), bool)) if self.causal else mask  # [b, l, l]
         x = Encoder(self.depth, self.heads, self.mlp_dim, self.dtype, self.remat, self.activation, self.layer_norm_eps,
-                    self.scan, name="encoder")(x, attend)
+                    self.scan, self.causal, self.attention, name="encoder")(x, mask)
         if self.pool == "eos":
             last = jnp.maximum(mask.sum(axis=1) - 1, 0)  # [b] index of the last real token
             pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]

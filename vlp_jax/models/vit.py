@@ -25,6 +25,7 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool | str = False
     scan: bool = False  # the encoder's blocks as one nn.scan (layers.Encoder)
+    attention: str = "xla"  # layers.ATTENTION
     pre_norm: bool = False
     activation: str = "gelu"
     layer_norm_eps: float = 1e-6
@@ -67,7 +68,7 @@ class VisionTransformer(nn.Module):
         if self.pre_norm:
             x = layer_norm(self.dtype, "ln_pre", self.layer_norm_eps)(x)
         x = Encoder(self.depth, self.heads, self.mlp_dim, self.dtype, self.remat, self.activation, self.layer_norm_eps,
-                    self.scan, name="encoder")(x)
+                    self.scan, attention=self.attention, name="encoder")(x)
         pooled = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
         return pooled, {"tokens": x}
 
