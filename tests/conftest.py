@@ -3,6 +3,11 @@
 import os
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# The tests' programs are tiny and compiled once or twice each: XLA's cheapest CPU compile (no LLVM backend
+# optimisation) makes the suite ~1.5x faster (measured on the two slowest sharding tests: 97 s vs 143 s); the
+# programs compute the same functions. VLP_TEST_FULL_XLA=1 keeps XLA's defaults.
+if os.environ.get("VLP_TEST_FULL_XLA") != "1":
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session, shared with the subprocesses the tests start: the many short
 # runs (resume, preemption, evaluation) compile the same programs again and again.

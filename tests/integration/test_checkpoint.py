@@ -211,7 +211,7 @@ def run_until(command, env, pattern):
 @pytest.mark.multiprocess
 def test_kill_9_and_sigterm_at_random_moments_then_restart_finishes_identically(tiny_run, tmp_path):
     rng = random.Random(7)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = dict(os.environ)  # conftest's XLA_FLAGS (8 devices, its compile options): bit-equal to the in-process run
     command = tiny_command(tmp_path, "--config.train.steps=30", "--config.train.log_every=1",
                            "--config.checkpoint.every=5", "--config.eval.final=False")  # states are compared
     # First kill at a random step; the second right after a checkpoint step, while its async save is in flight.
