@@ -191,6 +191,10 @@ def base_config(size: str) -> ml_collections.ConfigDict:
             device_memory_bytes=0,
             # Steps with a non-finite loss/gradient are skipped; this many in a row stop the run.
             max_nonfinite_steps=10,
+            # > 0: in-batch contrastive losses (CLIP, COOKIE) score the gathered columns this many at a time with an
+            # online log-sum-exp, each block recomputed in the backward pass: memory O(b_local × chunk) instead of
+            # O(b_local × B), the same loss (objectives/contrastive.py). 0 = the whole [b_local, B] logits at once.
+            contrastive_chunk=0,
             # Parameter groups by name, each dict(pattern=REGEX, frozen=False, lr_multiplier=1.0, weight_decay=-1.0):
             # the first group (in order) whose pattern fullmatches a parameter's '/'-joined path
             # ("towers/image_tower/encoder/block0/mlp/fc1/kernel") owns it; -1 = the global weight_decay; frozen

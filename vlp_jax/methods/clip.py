@@ -43,7 +43,8 @@ class ClipMethod(Method):
     def loss(self, params, extra, batch, rng, step):
         del rng, step  # CLIP is deterministic given the batch
         out = self.model.apply({"params": params}, batch["image"], batch["text"])
-        loss, metrics = clip_loss(out["image"], out["text"], out["logit_scale"], self.mesh)
+        loss, metrics = clip_loss(out["image"], out["text"], out["logit_scale"], self.mesh,
+                                  chunk=self.config.train.get("contrastive_chunk", 0))
         metrics["temperature"] = 1.0 / out["logit_scale"]
         return loss, (metrics, extra)
 

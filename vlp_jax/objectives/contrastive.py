@@ -11,6 +11,10 @@ One function serves every method:
   older keys (`queue`: image/text keys enqueued together, so column B + k is one pair in both directions),
   per-pair weights (the adaptive momentum filter), and the KL alignment of the i2t and t2i distributions.
 - Unimodal knowledge sharing (COOKIE): the two sides are a student's and a teacher's embeddings of one modality.
+
+`chunk` > 0 (config.train.contrastive_chunk) never builds the [b, B] logits: the gathered keys are scored in
+column blocks of `chunk` with an online log-sum-exp (`blocked_log_sum_exp`), each block rematerialised in the
+backward pass, so the loss's memory is O(b × chunk) — the same loss and gradients.
 """
 
 import functools
@@ -27,6 +31,58 @@ MASKED_LOGIT = -1e9
 
 def _masked(logits: jax.Array, keep: jax.Array) -> jax.Array:
     return jnp.where(keep, logits, MASKED_LOGIT)
+
+
+def blocked_log_sum_exp(queries: jax.Array, keys: jax.Array, scale: jax.Array, chunk: int
+                        ) -> tuple[jax.Array, jax.Array]:
+    """(logsumexp_j scale·q_i·k_j [b], argmax_j [b]) over the rows of `keys` [B, d], `chunk` columns at a time: a
+    scan with a running maximum and sum (flash-attention style), each block under jax.checkpoint so the backward
+    pass recomputes its [b, chunk] logits instead of keeping them. Columns past B (padding to whole blocks) are
+    masked."""
+    total, dim = keys.shape
+    blocks = -(-total // chunk)
+    padded = jnp.pad(keys, ((0, blocks * chunk - total), (0, 0))).reshape(blocks, chunk, dim)
+    valid = (jnp.arange(blocks * chunk) < total).reshape(blocks, chunk)
+
+    @jax.checkpoint
+    def block(key_block, valid_block):
+        logits = jnp.where(valid_block[None, :], scale * queries @ key_block.T, MASKED_LOGIT)  # [b, chunk]
+        top = jax.lax.stop_gradient(logits.max(axis=-1))
+        return top, jnp.exp(logits - top[:, None]).sum(axis=-1), jnp.argmax(logits, axis=-1)
+
+    def step(carry, inputs):
+        running_max, running_sum, best, best_index = carry
+        key_block, valid_block, offset = inputs
+        top, total_exp, arg = block(key_block, valid_block)
+        new_max = jnp.maximum(running_max, top)
+        running_sum = running_sum * jnp.exp(running_max - new_max) + total_exp * jnp.exp(top - new_max)
+        better = top > best
+        return (new_max, running_sum, jnp.where(better, top, best), jnp.where(better, offset + arg, best_index)), None
+
+    zero = jax.lax.stop_gradient(queries[:, 0]) * 0  # [b], varying over the replicas like the carry (shard_map)
+    start = (zero + 2 * MASKED_LOGIT, zero, zero + 2 * MASKED_LOGIT, zero.astype(jnp.int32))
+    (running_max, running_sum, _, best_index), _ = jax.lax.scan(
+        step, start, (padded, valid, jnp.arange(blocks, dtype=jnp.int32) * chunk))
+    return running_max + jnp.log(running_sum), best_index
+
+
+def _local_chunked(queries_a, queries_b, keys_a, keys_b, weights, logit_scale, *, chunk):
+    """_local_contrastive without queue or KL, never materialising the [b, B] logits (blocked_log_sum_exp)."""
+    local = queries_a.shape[0]
+    gathered_b, gathered_a = gather_batch(keys_b), gather_batch(keys_a)
+    labels = replica_index() * local + jnp.arange(local)
+    queries_a, queries_b = queries_a.astype(jnp.float32), queries_b.astype(jnp.float32)
+    gathered_a, gathered_b = gathered_a.astype(jnp.float32), gathered_b.astype(jnp.float32)
+    lse_ab, best_ab = blocked_log_sum_exp(queries_a, gathered_b, logit_scale, chunk)
+    lse_ba, _ = blocked_log_sum_exp(queries_b, gathered_a, logit_scale, chunk)
+    positive_ab = logit_scale * jnp.sum(queries_a * gathered_b[labels], axis=-1)
+    positive_ba = logit_scale * jnp.sum(queries_b * gathered_a[labels], axis=-1)
+    per_row = (lse_ab - positive_ab) + (lse_ba - positive_ba)
+    w = jnp.ones((local,), jnp.float32) if weights is None else weights.astype(jnp.float32)
+    total_weight = jnp.maximum(jax.lax.psum(w.sum(), BATCH_AXES), 1e-6)
+    loss = jax.lax.psum((w * per_row).sum(), BATCH_AXES) / (2 * total_weight)
+    accuracy = jax.lax.psum(jnp.sum(best_ab == labels), BATCH_AXES) / jax.lax.psum(local, BATCH_AXES)
+    return {"loss": loss, "accuracy": accuracy}
 
 
 def _local_contrastive(queries_a, queries_b, keys_a, keys_b, queue, weights, logit_scale, *, in_batch_negatives,
@@ -87,6 +143,7 @@ def contrastive_loss(
     in_batch_negatives: bool = True,
     with_kl: bool = False,
     kl_symmetric: bool = True,
+    chunk: int = 0,
 ) -> dict[str, jax.Array]:
     """Symmetric InfoNCE of unit-norm queries of two sides a and b [B, d] (sharded over the batch axes): a's
     queries against b's keys and b's against a's; row i of both sides is pair i. Cross-modal: a = image,
@@ -95,11 +152,21 @@ def contrastive_loss(
     Keys default to the other side's queries (CLIP). `queue` = {"a": [K, d], "b": [K, d], "valid": bool [K]} adds
     K paired negatives (invalid slots masked out). `weights` [B] weights each pair's terms (0 removes a pair from
     the loss; it stays a negative for the others). Returns {"loss", "accuracy" (a→b top-1)} and, with `with_kl`,
-    "kl": the (weighted mean) kl_alignment of the a→b and b→a distributions.
+    "kl": the (weighted mean) kl_alignment of the a→b and b→a distributions. `chunk` > 0: the blocked path (see
+    the module docstring; in-batch negatives only, without queue or KL).
     """
     rows, whole = PartitionSpec(BATCH_AXES), PartitionSpec()
     keys_a = queries_a if keys_a is None else keys_a
     keys_b = queries_b if keys_b is None else keys_b
+    if chunk > 0:
+        if queue is not None or with_kl or not in_batch_negatives:
+            raise ValueError(f"config.train.contrastive_chunk={chunk}: the blocked loss covers in-batch negatives "
+                             "only, not a queue, the KL alignment or queue-only negatives; set it to 0 for this method")
+        return jax.shard_map(
+            functools.partial(_local_chunked, chunk=chunk), mesh=mesh,
+            in_specs=(rows, rows, rows, rows, None if weights is None else rows, whole),
+            out_specs={"loss": whole, "accuracy": whole},
+        )(queries_a, queries_b, keys_a, keys_b, weights, logit_scale)
     local = functools.partial(_local_contrastive, in_batch_negatives=in_batch_negatives, with_kl=with_kl,
                               kl_symmetric=kl_symmetric)
     out_specs = {"loss": whole, "accuracy": whole, **({"kl": whole} if with_kl else {})}
@@ -112,8 +179,8 @@ def contrastive_loss(
 
 
 def clip_loss(
-    image: jax.Array, text: jax.Array, logit_scale: jax.Array, mesh: Mesh
+    image: jax.Array, text: jax.Array, logit_scale: jax.Array, mesh: Mesh, chunk: int = 0
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Symmetric InfoNCE over the global batch. image, text: unit-norm [B, d] sharded over the batch axes."""
-    out = contrastive_loss(image, text, logit_scale, mesh)
+    out = contrastive_loss(image, text, logit_scale, mesh, chunk=chunk)
     return out["loss"], {"contrastive_loss": out["loss"], "i2t_accuracy": out["accuracy"]}
