@@ -1,0 +1,56 @@
+"""SigLIP baseline (Zhai et al., ICCV 2023): CLIP's two towers with the pairwise sigmoid loss instead of softmax
+InfoNCE (objectives/sigmoid.py): a learnable logit scale t (init 10, log-parameterised) and bias b (init -10), both
+from the paper; negatives all-gathered across replicas, `config.train.contrastive_chunk` bounds the live logits."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlp_jax.methods.base import Batch, Method, PyTree
+from vlp_jax.methods.clip import ClipModel
+from vlp_jax.objectives.sigmoid import sigmoid_loss
+
+
+class SiglipBias(nn.Module):
+    """The learnable logit bias b, a scalar starting at `start`."""
+
+    start: float
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        return self.param("bias", nn.initializers.constant(self.start), ())
+
+
+class SiglipMethod(Method):
+    """The Method protocol for the sigmoid-loss baseline; params = ClipModel's + {"bias": {"bias"}}."""
+
+    def __init__(self, config, mesh, pretrained):
+        super().__init__(config, mesh, pretrained)
+        method = config.method
+        self.model = ClipModel(config.model, 1.0 / method.scale_init, method.max_logit_scale)
+        self.bias = SiglipBias(method.bias_init)
+
+    def init(self, rng: jax.Array, batch: Batch) -> tuple[PyTree, PyTree]:
+        params = dict(self.model.init(rng, batch["image"], batch["text"])["params"])
+        params["bias"] = self.bias.init(rng)["params"]
+        return params, {}
+
+    def loss(self, params, extra, batch, rng, step):
+        del rng, step
+        towers = {name: value for name, value in params.items() if name != "bias"}
+        out = self.model.apply({"params": towers}, batch["image"], batch["text"])
+        bias = self.bias.apply({"params": params["bias"]})
+        result = sigmoid_loss(out["image"], out["text"], out["logit_scale"], bias, self.mesh,
+                              chunk=self.config.train.get("contrastive_chunk", 0))
+        metrics = {"sigmoid_loss": result["loss"], "i2t_accuracy": result["accuracy"],
+                   "logit_scale": out["logit_scale"], "bias": jnp.asarray(bias)}
+        return result["loss"], (metrics, extra)
+
+    def encode(self, params, batch):
+        towers = {name: value for name, value in params.items() if name != "bias"}
+        embeddings = {}
+        if "image" in batch:
+            embeddings["image"] = self.model.apply({"params": towers}, batch["image"], method=ClipModel.encode_image)
+        if "text" in batch:
+            embeddings["text"] = self.model.apply({"params": towers}, batch["text"], method=ClipModel.encode_text)
+        return embeddings
