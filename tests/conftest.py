@@ -26,6 +26,8 @@ flags.FLAGS.mark_as_parsed()
 
 import pytest  # noqa: E402
 
+from tests.helpers import METHODS  # noqa: E402
+
 
 def pytest_collection_modifyitems(config, items):
     """Everything under tests/integration trains end to end: marked `slow` (`make test-fast` runs tests/unit)."""
@@ -55,7 +57,7 @@ def trained_runs(tmp_path_factory):
     return run_of
 
 
-@pytest.fixture(scope="session", params=["clip", "brivl", "cots"])
+@pytest.fixture(scope="session", params=METHODS)
 def method_run(request, trained_runs):
     """Each method's shared trained run in turn: (name, config, workdir, final metrics, records)."""
     return (request.param, *trained_runs(request.param))

@@ -5,9 +5,10 @@ import json
 import ml_collections
 import numpy as np
 
-from configs import brivl, clip, cots
+from configs import brivl, clip, cookie, cots, siglip
 
-METHODS = ("clip", "brivl", "cots")  # the methods every run-level test can take a trained run of (conftest.py)
+# The methods every run-level test can take a trained run of (conftest.py).
+METHODS = ("clip", "brivl", "cots", "cookie", "siglip")
 
 
 def tiny_config(**train_overrides) -> ml_collections.ConfigDict:
@@ -34,12 +35,12 @@ def small_towers(config: ml_collections.ConfigDict, queue_size: int = 0) -> ml_c
 
 def method_config(name: str) -> ml_collections.ConfigDict:
     """The shared trained run of each method: CLIP 30 steps of the tiny config (the eval subset scored at steps
-    10 and 20); BriVL and COTS 4 steps of smaller towers on the same data (COTS after a 2-step tokenizer stage)."""
+    10 and 20); the others 4 steps of smaller towers on the same data (COTS after a 2-step tokenizer stage)."""
     if name == "clip":
         config = tiny_config()
         config.eval.update(dict(every=10, subset_size=16))  # eval settings never change the trained parameters
         return config
-    config = small_towers({"brivl": brivl, "cots": cots}[name].get_config("tiny"))
+    config = small_towers({"brivl": brivl, "cots": cots, "cookie": cookie, "siglip": siglip}[name].get_config("tiny"))
     config.data = tiny_config().data
     config.data.train_size = 128
     config.train.update(dict(steps=4, log_every=2, warmup_steps=1))
