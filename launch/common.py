@@ -50,3 +50,10 @@ def split_extra(argv: Sequence[str]) -> tuple[list[str], list[str]]:
         cut = argv.index("--")
         return argv[:cut], argv[cut + 1 :]
     return argv, []
+
+
+def main(parser: Callable, launch: Callable, argv: Sequence[str] | None = None) -> int:
+    """A launcher's command line: its own arguments (`parser()`) before a bare `--`, vlp_jax.main's flags after;
+    returns `launch(arguments, flags)`, the exit code."""
+    own, extra = split_extra(sys.argv[1:] if argv is None else argv)
+    return launch(parser().parse_args(own), extra)

@@ -78,8 +78,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    own, extra = common.split_extra(sys.argv[1:] if argv is None else argv)
-    return launch(parser().parse_args(own), extra)
+    return common.main(parser, launch, argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from vlp_jax.methods.base import Batch, Method, PyTree
-from vlp_jax.methods.clip import ClipModel
+from vlp_jax.methods.clip import ClipMethod, ClipModel
 from vlp_jax.objectives.sigmoid import sigmoid_loss
 
 
@@ -21,11 +21,12 @@ class SiglipBias(nn.Module):
         return self.param("bias", nn.initializers.constant(self.start), ())
 
 
-class SiglipMethod(Method):
-    """The Method protocol for the sigmoid-loss baseline; params = ClipModel's + {"bias": {"bias"}}."""
+class SiglipMethod(ClipMethod):
+    """The Method protocol for the sigmoid-loss baseline; params = ClipModel's + {"bias": {"bias"}} (`encode` is
+    CLIP's: the towers ignore the bias)."""
 
     def __init__(self, config, mesh, pretrained):
-        super().__init__(config, mesh, pretrained)
+        Method.__init__(self, config, mesh, pretrained)
         method = config.method
         self.model = ClipModel(config.model, 1.0 / method.scale_init, method.max_logit_scale)
         self.bias = SiglipBias(method.bias_init)
@@ -37,20 +38,10 @@ class SiglipMethod(Method):
 
     def loss(self, params, extra, batch, rng, step):
         del rng, step
-        towers = {name: value for name, value in params.items() if name != "bias"}
-        out = self.model.apply({"params": towers}, batch["image"], batch["text"])
+        out = self.model.apply({"params": params}, batch["image"], batch["text"])
         bias = self.bias.apply({"params": params["bias"]})
         result = sigmoid_loss(out["image"], out["text"], out["logit_scale"], bias, self.mesh,
                               chunk=self.config.train.get("contrastive_chunk", 0))
         metrics = {"sigmoid_loss": result["loss"], "i2t_accuracy": result["accuracy"],
                    "logit_scale": out["logit_scale"], "bias": jnp.asarray(bias)}
         return result["loss"], (metrics, extra)
-
-    def encode(self, params, batch):
-        towers = {name: value for name, value in params.items() if name != "bias"}
-        embeddings = {}
-        if "image" in batch:
-            embeddings["image"] = self.model.apply({"params": towers}, batch["image"], method=ClipModel.encode_image)
-        if "text" in batch:
-            embeddings["text"] = self.model.apply({"params": towers}, batch["text"], method=ClipModel.encode_text)
-        return embeddings
