@@ -110,8 +110,8 @@ def make_train_step(method, tx: optax.GradientTransformation, schedule, state_sh
 
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
-        grad_fn = jax.value_and_grad(method.loss, has_aux=True)
-        (loss, (step_metrics, extra)), grads = grad_fn(state.params, state.extra, batch, rng, state.step)
+        (loss, (step_metrics, extra)), grads = method.loss_and_grads(
+            state.params, state.extra, batch, rng, state.step, method.config.train.get("microbatches", 1))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)

@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
@@ -85,6 +86,56 @@ class Method:
     def example_batch(cls, config: ml_collections.ConfigDict) -> dict[str, Feature]:
         """The arrays of one training example (the batch's keys, without the batch axis)."""
         return image_text_example(config)
+
+    # -- exact gradient accumulation (config.train.microbatches) -------------------------------------------------
+    # A method whose loss is a function of per-example embeddings (CLIP, SigLIP) implements `embed` and
+    # `embedding_loss`; `loss_and_grads` then computes the global batch's exact gradient one micro-batch of
+    # activations at a time.
+    def embed(self, params: PyTree, batch: Batch) -> dict[str, jax.Array]:
+        """Per-example outputs [b, ...] of the trainable forward pass whose gradient `loss_and_grads` accumulates."""
+        raise NotImplementedError
+
+    def embedding_loss(self, params: PyTree, embeddings: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
+        """(loss, metrics) of the whole global batch from `embed`'s outputs (and params such as a temperature)."""
+        raise NotImplementedError
+
+    def loss_and_grads(self, params, extra, batch, rng, step, microbatches: int = 1):
+        """((loss, (metrics, extra)), grads) of `loss`. With `microbatches` K > 1 (methods with `embed` and
+        `embedding_loss`): the batch is split into K interleaved micro-batches (each replica keeps its own rows);
+        all are embedded without keeping activations, the loss and its gradient w.r.t. the embeddings are taken over
+        the whole batch, then each micro-batch is run again and back-propagated with its slice of that gradient
+        (GradCache / open_clip's accum-freq). The gradient is the whole batch's, exactly; one micro-batch's
+        activations are live at a time."""
+        if microbatches <= 1:
+            return jax.value_and_grad(self.loss, has_aux=True)(params, extra, batch, rng, step)
+        if type(self).embed is Method.embed or type(self).embedding_loss is Method.embedding_loss:
+            raise ValueError(f"config.train.microbatches={microbatches}: method {self.config.method.name!r} has no "
+                             "embed/embedding_loss split (only CLIP and SigLIP have one); set it to 1")
+        size = jax.tree.leaves(batch)[0].shape[0]
+        if size % microbatches:
+            raise ValueError(f"config.train.microbatches={microbatches} does not divide the global batch {size}")
+
+        def split(x):  # [B, ...] -> [K, B/K, ...]: micro-batch k = rows k, K + k, 2K + k, ...
+            return jnp.swapaxes(x.reshape(size // microbatches, microbatches, *x.shape[1:]), 0, 1)
+
+        def merge(x):  # split's inverse
+            return jnp.swapaxes(x, 0, 1).reshape(size, *x.shape[2:])
+
+        parts = jax.tree.map(split, batch)
+        frozen = jax.lax.stop_gradient(params)
+        embedded = jax.lax.map(lambda part: self.embed(frozen, part), parts)
+        embeddings = jax.tree.map(merge, embedded)
+        (loss, metrics), (direct, cotangents) = jax.value_and_grad(self.embedding_loss, argnums=(0, 1),
+                                                                   has_aux=True)(params, embeddings)
+        cotangents = jax.tree.map(split, cotangents)
+
+        def accumulate(total, inputs):
+            part, cotangent = inputs
+            _, pull = jax.vjp(lambda p: self.embed(p, part), params)
+            return jax.tree.map(jnp.add, total, pull(cotangent)[0]), None
+
+        grads, _ = jax.lax.scan(accumulate, direct, (parts, cotangents))
+        return (loss, (metrics, extra)), grads
 
     @classmethod
     def encode_flops(cls, config: ml_collections.ConfigDict) -> dict[str, float]:

@@ -42,11 +42,21 @@ class ClipMethod(Method):
 
     def loss(self, params, extra, batch, rng, step):
         del rng, step  # CLIP is deterministic given the batch
-        out = self.model.apply({"params": params}, batch["image"], batch["text"])
-        loss, metrics = clip_loss(out["image"], out["text"], out["logit_scale"], self.mesh,
-                                  chunk=self.config.train.get("contrastive_chunk", 0))
-        metrics["temperature"] = 1.0 / out["logit_scale"]
+        loss, metrics = self.embedding_loss(params, self.embed(params, batch))
         return loss, (metrics, extra)
+
+    def embed(self, params, batch):
+        out = self.model.apply({"params": params}, batch["image"], batch["text"])
+        return {"image": out["image"], "text": out["text"]}
+
+    def logit_scale(self, params) -> jax.Array:
+        return self.model.apply({"params": params}, method=lambda module: module.logit_scale())
+
+    def embedding_loss(self, params, embeddings):
+        scale = self.logit_scale(params)
+        loss, metrics = clip_loss(embeddings["image"], embeddings["text"], scale, self.mesh,
+                                  chunk=self.config.train.get("contrastive_chunk", 0))
+        return loss, {**metrics, "temperature": 1.0 / scale}
 
     def encode(self, params, batch):
         embeddings = {}

@@ -36,12 +36,10 @@ class SiglipMethod(ClipMethod):
         params["bias"] = self.bias.init(rng)["params"]
         return params, {}
 
-    def loss(self, params, extra, batch, rng, step):
-        del rng, step
-        out = self.model.apply({"params": params}, batch["image"], batch["text"])
+    def embedding_loss(self, params, embeddings):
+        scale = self.logit_scale(params)
         bias = self.bias.apply({"params": params["bias"]})
-        result = sigmoid_loss(out["image"], out["text"], out["logit_scale"], bias, self.mesh,
+        result = sigmoid_loss(embeddings["image"], embeddings["text"], scale, bias, self.mesh,
                               chunk=self.config.train.get("contrastive_chunk", 0))
-        metrics = {"sigmoid_loss": result["loss"], "i2t_accuracy": result["accuracy"],
-                   "logit_scale": out["logit_scale"], "bias": jnp.asarray(bias)}
-        return result["loss"], (metrics, extra)
+        return result["loss"], {"sigmoid_loss": result["loss"], "i2t_accuracy": result["accuracy"],
+                                "logit_scale": scale, "bias": jnp.asarray(bias)}

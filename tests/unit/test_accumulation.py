@@ -1,0 +1,73 @@
+"""Exact gradient accumulation (config.train.microbatches): the loss and gradient of the whole global batch, with
+one micro-batch's activations live at a time."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import clip, cookie, siglip
+from tests.helpers import small_towers
+from vlp_jax import methods, parallel
+from vlp_jax.checkpoint import leaves_by_path
+
+
+def mesh_of(shape):
+    axes = ml_collections.ConfigDict(dict(zip(parallel.MESH_AXES, shape, strict=True)))
+    return parallel.make_mesh(axes, devices=jax.devices()[: int(np.prod(shape))])
+
+
+def batch_of(config, size):
+    rng = np.random.default_rng(0)
+    text = rng.integers(4, config.model.text.vocab_size, (size, config.model.text.max_len)).astype(np.int32)
+    text[:, 0], text[:, 6], text[:, 7:] = 2, 3, 0
+    pixels = config.model.image.image_size
+    return {"image": rng.integers(0, 256, (size, pixels, pixels, 3), dtype=np.uint8), "text": text}
+
+
+def loss_and_grads(config, mesh, microbatches, size=32):
+    method = methods.build(config, mesh)
+    batch = batch_of(config, size)
+    params, extra = nn.meta.unbox(jax.jit(method.init)(jax.random.PRNGKey(0), batch))
+    with parallel.mesh_context(mesh):
+        sharded = parallel.global_batch_from_local(batch, mesh)
+        step = jax.jit(lambda p, b: method.loss_and_grads(p, extra, b, jax.random.PRNGKey(0), jnp.int32(0),
+                                                          microbatches))
+        (loss, (metrics, _)), grads = step(params, sharded)
+        memory = step.lower(params, sharded).compile().memory_analysis().temp_size_in_bytes
+    return float(loss), metrics, leaves_by_path(grads), memory
+
+
+@pytest.mark.parametrize("name, shape, microbatches", [("clip", (2, 2, 2), 4), ("siglip", (4, 1, 1), 2),
+                                                       ("clip", (1, 1, 1), 8)])
+def test_accumulated_gradient_equals_the_whole_batch_gradient(name, shape, microbatches):
+    config = small_towers({"clip": clip, "siglip": siglip}[name].get_config("tiny"))
+    mesh = mesh_of(shape)
+    whole_loss, whole_metrics, whole, _ = loss_and_grads(config, mesh, 1)
+    loss, metrics, grads, _ = loss_and_grads(config, mesh, microbatches)
+    np.testing.assert_allclose(loss, whole_loss, rtol=1e-6)
+    for key, value in whole_metrics.items():
+        np.testing.assert_allclose(metrics[key], value, rtol=1e-6, err_msg=key)
+    assert sorted(grads) == sorted(whole)
+    for path, value in whole.items():
+        np.testing.assert_allclose(grads[path], value, rtol=1e-4, atol=1e-5, err_msg=path)  # sums reordered
+    assert any(np.abs(value).max() > 0 for value in whole.values())
+
+
+def test_accumulation_holds_one_micro_batch_of_activations():
+    """XLA's temp memory of the step's loss and gradient at batch 256: 8 micro-batches need far less."""
+    config = small_towers(clip.get_config("tiny"))
+    mesh = mesh_of((1, 1, 1))
+    *_, whole = loss_and_grads(config, mesh, 1, size=256)
+    *_, accumulated = loss_and_grads(config, mesh, 8, size=256)
+    assert accumulated < whole / 3, (accumulated, whole)
+
+
+def test_methods_without_the_split_and_bad_counts_are_refused():
+    mesh = mesh_of((1, 1, 1))
+    with pytest.raises(ValueError, match="microbatches=2: method 'cookie' has no embed/embedding_loss split"):
+        loss_and_grads(small_towers(cookie.get_config("tiny")), mesh, 2, size=8)
+    with pytest.raises(ValueError, match="microbatches=3 does not divide the global batch 8"):
+        loss_and_grads(small_towers(clip.get_config("tiny")), mesh, 3, size=8)
