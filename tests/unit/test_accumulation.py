@@ -40,8 +40,7 @@ def loss_and_grads(config, mesh, microbatches, size=32):
     return float(loss), metrics, leaves_by_path(grads), memory
 
 
-@pytest.mark.parametrize("name, shape, microbatches", [("clip", (2, 2, 2), 4), ("siglip", (4, 1, 1), 2),
-                                                       ("clip", (1, 1, 1), 8)])
+@pytest.mark.parametrize("name, shape, microbatches", [("clip", (2, 2, 2), 4), ("siglip", (4, 1, 1), 2)])
 def test_accumulated_gradient_equals_the_whole_batch_gradient(name, shape, microbatches):
     config = small_towers({"clip": clip, "siglip": siglip}[name].get_config("tiny"))
     mesh = mesh_of(shape)

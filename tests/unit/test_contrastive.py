@@ -52,7 +52,7 @@ def test_accuracy_counts_matching_pairs():
     assert float(metrics["i2t_accuracy"]) == pytest.approx(14 / 16)
 
 
-@pytest.mark.parametrize("shape, chunk", [((1, 1, 1), 5), ((8, 1, 1), 8), ((2, 2, 2), 7), ((2, 2, 2), 64)])
+@pytest.mark.parametrize("shape, chunk", [((1, 1, 1), 5), ((2, 2, 2), 7), ((2, 2, 2), 64)])
 def test_the_blocked_loss_equals_the_whole_logits_loss(shape, chunk):
     """contrastive_chunk: column blocks (5 and 7 do not divide 32: a padded last block) with an online
     log-sum-exp give the reference loss, gradients and accuracy, sharded or not."""
