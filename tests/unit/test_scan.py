@@ -1,6 +1,6 @@
-"""Scanned transformer blocks (config.model.scan_layers), remat policies (config.model.remat) and the attention kernel
-choice (config.model.attention): the same loss and
-gradients as the unrolled stack with the same parameters, on one device and sharded."""
+"""Scanned transformer blocks (config.model.scan_layers) and remat policies (config.model.remat) give the unrolled
+stack's loss and gradients with the same parameters, on one device and sharded; the attention kernel choice
+(config.model.attention) gives the masked attention."""
 
 import flax.linen as nn
 import jax

@@ -40,8 +40,8 @@ def efficiency_report(
     """
     per_input = encode_flops or flops.tower_encode_flops(model)
     encode_seconds = image_seconds + text_seconds
-    encode_flops = num_images * per_input["image"] + num_texts * per_input["text"]
-    flops_per_second = encode_flops / encode_seconds  # what the encoders reached on this machine
+    total_encode_flops = num_images * per_input["image"] + num_texts * per_input["text"]
+    flops_per_second = total_encode_flops / encode_seconds  # what the encoders reached on this machine
     pair_flops = cross_encoder_flops_per_pair(model)
     two_stream_seconds = encode_seconds + product_seconds
     cross_encoder_seconds = num_images * num_texts * pair_flops / flops_per_second

@@ -66,6 +66,17 @@ def blocked_log_sum_exp(queries: jax.Array, keys: jax.Array, scale: jax.Array, c
     return running_max + jnp.log(running_sum), best_index
 
 
+def _pair_weights(weights: jax.Array | None, local: int) -> tuple[jax.Array, jax.Array]:
+    """(this replica's pair weights [b], their sum over all replicas): ones when `weights` is None."""
+    w = jnp.ones((local,), jnp.float32) if weights is None else weights.astype(jnp.float32)
+    return w, jnp.maximum(jax.lax.psum(w.sum(), BATCH_AXES), 1e-6)
+
+
+def _accuracy(predicted: jax.Array, labels: jax.Array) -> jax.Array:
+    """The fraction of the global batch's rows whose best column is their positive."""
+    return jax.lax.psum(jnp.sum(predicted == labels), BATCH_AXES) / jax.lax.psum(labels.shape[0], BATCH_AXES)
+
+
 def _local_chunked(queries_a, queries_b, keys_a, keys_b, weights, logit_scale, *, chunk):
     """_local_contrastive without queue or KL, never materialising the [b, B] logits (blocked_log_sum_exp)."""
     local = queries_a.shape[0]
@@ -78,11 +89,9 @@ def _local_chunked(queries_a, queries_b, keys_a, keys_b, weights, logit_scale, *
     positive_ab = logit_scale * jnp.sum(queries_a * gathered_b[labels], axis=-1)
     positive_ba = logit_scale * jnp.sum(queries_b * gathered_a[labels], axis=-1)
     per_row = (lse_ab - positive_ab) + (lse_ba - positive_ba)
-    w = jnp.ones((local,), jnp.float32) if weights is None else weights.astype(jnp.float32)
-    total_weight = jnp.maximum(jax.lax.psum(w.sum(), BATCH_AXES), 1e-6)
+    w, total_weight = _pair_weights(weights, local)
     loss = jax.lax.psum((w * per_row).sum(), BATCH_AXES) / (2 * total_weight)
-    accuracy = jax.lax.psum(jnp.sum(best_ab == labels), BATCH_AXES) / jax.lax.psum(local, BATCH_AXES)
-    return {"loss": loss, "accuracy": accuracy}
+    return {"loss": loss, "accuracy": _accuracy(best_ab, labels)}
 
 
 def _local_contrastive(queries_a, queries_b, keys_a, keys_b, queue, weights, logit_scale, *, in_batch_negatives,
@@ -107,12 +116,9 @@ def _local_contrastive(queries_a, queries_b, keys_a, keys_b, queue, weights, log
     log_p_ba = jax.nn.log_softmax(logits_ba, axis=-1)
     rows = jnp.arange(local)
     per_row = -(log_p_ab[rows, labels] + log_p_ba[rows, labels])  # [b]
-    w = jnp.ones((local,), jnp.float32) if weights is None else weights.astype(jnp.float32)
-    total_weight = jnp.maximum(jax.lax.psum(w.sum(), BATCH_AXES), 1e-6)
+    w, total_weight = _pair_weights(weights, local)
     loss = jax.lax.psum((w * per_row).sum(), BATCH_AXES) / (2 * total_weight)
-    correct = jnp.sum(jnp.argmax(logits_ab, axis=-1) == labels)
-    accuracy = jax.lax.psum(correct, BATCH_AXES) / jax.lax.psum(local, BATCH_AXES)
-    out = {"loss": loss, "accuracy": accuracy}
+    out = {"loss": loss, "accuracy": _accuracy(jnp.argmax(logits_ab, axis=-1), labels)}
     if with_kl:
         kl = kl_alignment(log_p_ab, log_p_ba, kl_symmetric)  # [b]
         out["kl"] = jax.lax.psum((w * kl).sum(), BATCH_AXES) / total_weight
