@@ -139,6 +139,11 @@ def base_config(size: str) -> ml_collections.ConfigDict:
             # Eval records whose labels[group_label] are equal show the same content (e.g. one emoji in several
             # art styles): retrieval counts any of them as a hit. Empty = every image is its own group.
             group_label="",
+            # Fine-tuning (configs/finetune): the downstream task whose ground truth the `task` feature reads
+            # ("ve", "vqa", "rec"; data/tasks.py), and VQA's answer vocabulary (empty: the world's, or the most
+            # frequent training answers, chosen when the run starts: methods/finetune.py).
+            task="",
+            answers=(),
             max_boxes=8,  # rows of the `boxes` feature (methods that declare it): object boxes per example
             # The `anchors` feature's (CMAL) synonym/lemma map, JSON like vlp_jax/data/anchor_map.json; "" = that one.
             anchor_map="",

@@ -309,6 +309,29 @@ class Loaded:
     paths: tuple[str, ...]
 
 
+def saved_run(run_dir: str | epath.Path, flag: str, step: int | None = None
+              ) -> tuple[ml_collections.ConfigDict, int, epath.Path]:
+    """(the run config saved with `step`, that step, its checkpoint directory) of the run in `run_dir`; step None:
+    the latest complete checkpoint. `flag` names where `run_dir` came from, for the errors."""
+    run_dir = absolute(run_dir)
+    where = f"{flag}={run_dir}"
+    if not (run_dir / "checkpoints").is_dir():
+        setting = flag.lstrip("-").removeprefix("config.")
+        raise CheckpointError(f"{where}: {run_dir / 'checkpoints'} does not exist; {setting} takes the --workdir "
+                              "of a vlp_jax run")
+    checkpointer = Checkpointer(run_dir, ml_collections.ConfigDict(dict(keep=None, keep_every=0, use_async=False)))
+    try:
+        steps = checkpointer.manager.all_steps()
+        if not steps:
+            raise CheckpointError(f"{where}: {checkpointer.directory} holds no complete vlp_jax checkpoint")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise CheckpointError(f"{where} has no checkpoint of step {step}; it has steps {sorted(steps)}")
+        return ml_collections.ConfigDict(checkpointer.saved_config(step)), step, checkpointer.directory / str(step)
+    finally:
+        checkpointer.close()
+
+
 def load_params(
     run_dir: str | epath.Path,
     include: Iterable[str] = (),
@@ -334,22 +357,7 @@ def load_params(
     includes = [compile_pattern("include", pattern) for pattern in include]
     excludes = [compile_pattern("exclude", pattern) for pattern in exclude]
     rules = rename_rules(rename)
-    if not (run_dir / "checkpoints").is_dir():
-        setting = flag.lstrip("-").removeprefix("config.")
-        raise CheckpointError(f"{where}: {run_dir / 'checkpoints'} does not exist; {setting} takes the --workdir "
-                              "of a vlp_jax run")
-    checkpointer = Checkpointer(run_dir, ml_collections.ConfigDict(dict(keep=None, keep_every=0, use_async=False)))
-    try:
-        steps = checkpointer.manager.all_steps()
-        if not steps:
-            raise CheckpointError(f"{where}: {checkpointer.directory} holds no complete vlp_jax checkpoint")
-        step = max(steps) if step is None else step
-        if step not in steps:
-            raise CheckpointError(f"{where} has no checkpoint of step {step}; it has steps {sorted(steps)}")
-        config = ml_collections.ConfigDict(checkpointer.saved_config(step))
-        directory = checkpointer.directory / str(step)
-    finally:
-        checkpointer.close()
+    config, step, directory = saved_run(run_dir, flag, step)
 
     with ocp.PyTreeCheckpointer() as reader:
         state_dir = directory / "state"  # the Checkpointer's layout

@@ -13,7 +13,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from vlp_jax import checkpoint, memory, metrics, parallel, stages, step
+from vlp_jax import checkpoint, memory, methods, metrics, parallel, stages, step
 from vlp_jax.checkpoint import Checkpointer, abstract_like
 from vlp_jax.data import pipeline
 from vlp_jax.evaluate import run as eval_run
@@ -84,8 +84,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_aft
         workdir = prepare_workdir(workdir)
         # e.g. COTS's visual tokenizer; the final stage's plan and memory verdict come first (preflight)
         config = stages.prepare(config, workdir, train_and_evaluate,
-                                preflight=lambda stand_in: preflight(stand_in, stop_signal))
-        return _train(config, workdir, stop_after, stop_signal)
+                                preflight=lambda stand_in: preflight(resolve_config(stand_in), stop_signal))
+        return _train(resolve_config(config), workdir, stop_after, stop_signal)
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config as the method completes it (Method.resolve_config: e.g. fine-tuning's towers from init_from)."""
+    return methods.get(config.method.name).resolve_config(config)
 
 
 def preflight(config: ml_collections.ConfigDict, stop_signal: StopSignal, abstract: bool = True

@@ -461,7 +461,8 @@ def test_world_shards_are_cached_by_config(tmp_path):
     rendered = synthetic.make_split(synthetic.default_config(), "train", 8)
     for record, image, captions in zip(stored, rendered.images, rendered.captions, strict=True):
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(record.image))), image)  # lossless
-        assert record.captions == captions and record.boxes.shape == (3, 4) and record.labels is None
+        assert record.captions == captions and record.boxes.shape == (3, 4)
+        assert set(record.labels) == {"ve", "vqa", "rec"}  # the world's downstream ground truth
 
 
 @pytest.mark.parametrize("storage", ["lazy", "shards"])

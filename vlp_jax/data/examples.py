@@ -11,14 +11,16 @@ from collections.abc import Callable
 
 import numpy as np
 
-from vlp_jax.data import records, sources, transforms
+from vlp_jax.data import records, sources, tasks, transforms
 from vlp_jax.data.records import Located
 from vlp_jax.data.skips import Skipped, SkipRecord
 from vlp_jax.data.tokenizer import Tokenizer
 from vlp_jax.objectives.anchors import Normaliser, anchor_example
 
 EMPTY_CAPTION = "empty_caption"  # no caption left after dropping blank ones
-SKIP_REASONS = (*sources.READ_REASONS, *records.DECODE_REASONS, *transforms.IMAGE_REASONS, EMPTY_CAPTION)
+NO_TASK_ITEM = "no_task_item"  # the `task` feature found no well-formed item of config.data.task (or none kept)
+SKIP_REASONS = (*sources.READ_REASONS, *records.DECODE_REASONS, *transforms.IMAGE_REASONS, EMPTY_CAPTION,
+                NO_TASK_ITEM)
 NOISY_LABEL = "noisy"  # labels key of the ground-truth noisy-pair flag (the embedded world writes it)
 IMAGE_TEXT = ("image", "text")  # the features of a two-tower method
 BOX_KEEP_FRACTION = 0.5  # a box stays when at least this fraction of its area lies inside the crop
@@ -52,6 +54,8 @@ class FeatureOptions:
     max_len: int  # tokens per caption
     max_boxes: int  # rows of the boxes feature
     normalise: Normaliser | None = None  # the anchors feature's tag/word normalisation (CMAL)
+    task: str = ""  # the `task` feature's downstream task (data/tasks.py TASKS)
+    answers: tuple[str, ...] = ()  # VQA: the answer vocabulary, normalised (data/tasks.py normalise_answer)
 
 
 @dataclasses.dataclass
@@ -82,25 +86,31 @@ def text_feature(building: Building, options: FeatureOptions) -> dict[str, np.nd
 
 def boxes_feature(building: Building, options: FeatureOptions) -> dict[str, np.ndarray]:
     """"boxes" float32 [max_boxes, 4] (x0, y0, x1, y1 in [0, 1] of the output image) and "box_mask" bool
-    [max_boxes]: the record's boxes clipped to the image builder's crop and scaled with it; boxes with less than
+    [max_boxes]: the record's boxes clipped to the image builder's crop and scaled with it (`crop_boxes`)."""
+    boxes, mask, building.kept_boxes = crop_boxes(building.record.boxes, building.crop, options.max_boxes)
+    if building.record.boxes is not None:
+        building.dropped_boxes = len(building.record.boxes) - len(building.kept_boxes)
+    return {"boxes": boxes, "box_mask": mask}
+
+
+def crop_boxes(saved: np.ndarray | None, crop: transforms.Box, max_boxes: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A record's boxes [k, 4] (stored-image pixels) seen through a crop: (boxes float32 [max_boxes, 4] in [0, 1]
+    of the crop, mask bool [max_boxes], the kept boxes' record indices int [n]). Boxes with less than
     BOX_KEEP_FRACTION of their area inside are dropped, the first max_boxes of the rest kept, zero rows pad."""
-    boxes = np.zeros((options.max_boxes, 4), np.float32)
-    mask = np.zeros(options.max_boxes, bool)
-    saved = building.record.boxes
-    building.kept_boxes = np.zeros(0, np.int64)
+    boxes = np.zeros((max_boxes, 4), np.float32)
+    mask = np.zeros(max_boxes, bool)
     if saved is None or not len(saved):
-        return {"boxes": boxes, "box_mask": mask}
-    x0, y0, x1, y1 = building.crop
-    saved = np.asarray(saved, np.float64)  # [k, 4] stored-image pixels
+        return boxes, mask, np.zeros(0, np.int64)
+    x0, y0, x1, y1 = crop
+    saved = np.asarray(saved, np.float64)
     inside = np.clip(saved, [x0, y0, x0, y0], [x1, y1, x1, y1])
     keep = _area(inside) >= BOX_KEEP_FRACTION * _area(saved)
     keep &= _area(inside) > 0
-    kept = ((inside[keep] - [x0, y0, x0, y0]) / [x1 - x0, y1 - y0, x1 - x0, y1 - y0])[: options.max_boxes]
-    building.kept_boxes = np.flatnonzero(keep)[: options.max_boxes]
-    building.dropped_boxes = len(saved) - len(kept)
+    kept = ((inside[keep] - [x0, y0, x0, y0]) / [x1 - x0, y1 - y0, x1 - x0, y1 - y0])[:max_boxes]
     boxes[: len(kept)] = kept
     mask[: len(kept)] = True
-    return {"boxes": boxes, "box_mask": mask}
+    return boxes, mask, np.flatnonzero(keep)[:max_boxes]
 
 
 def _area(boxes: np.ndarray) -> np.ndarray:
@@ -136,14 +146,48 @@ def text_view_feature(building: Building, options: FeatureOptions) -> dict[str, 
     return {"text_view": options.tokenizer.encode([caption], options.max_len)[0]}
 
 
+def task_feature(building: Building, options: FeatureOptions) -> dict[str, np.ndarray]:
+    """One uniformly chosen item of the record's `options.task` ground truth (data/tasks.py): "query" int32 [L]
+    (the hypothesis, question or expression) and "target" int32 [] (VE: the label's index in VE_LABELS; VQA: the
+    best-scored answer's index in the vocabulary, -1 when no answer is in it; REC: the target box's row in the
+    `boxes` feature); VQA adds "answer_scores" float32 [A] (each vocabulary answer's VQA score). REC draws only
+    among items whose box the crop kept. No usable item: the record is skipped (NO_TASK_ITEM)."""
+    items = usable_task_items(building.record, options.task)
+    if options.task == tasks.REC:
+        rows = {int(index): row for row, index in enumerate(building.kept_boxes)}
+        items = [item for item in items if item["box"] in rows]
+    if not items:
+        raise SkipRecord(NO_TASK_ITEM, f"no usable {options.task!r} item (labels[{options.task!r}])")
+    item = items[int(building.rng.integers(len(items)))]
+    return task_arrays(item, options, rows if options.task == tasks.REC else None)
+
+
+def usable_task_items(record: records.ImageTextRecord, task: str) -> list[dict]:
+    """The well-formed items of `record.labels[task]` (data/tasks.py valid_items)."""
+    boxes = 0 if record.boxes is None else len(record.boxes)
+    return tasks.valid_items(task, (record.labels or {}).get(task, []), boxes)[0]
+
+
+def task_arrays(item: dict, options: FeatureOptions, box_rows: dict[int, int] | None) -> dict[str, np.ndarray]:
+    """The `task` feature's arrays of one item (`box_rows`: REC's record box index -> boxes row)."""
+    query = options.tokenizer.encode([item[tasks.QUERY_FIELD[options.task]]], options.max_len)[0]
+    if options.task == tasks.VE:
+        return {"query": query, "target": np.int32(tasks.VE_LABELS.index(item["label"]))}
+    if options.task == tasks.REC:
+        return {"query": query, "target": np.int32(box_rows[item["box"]])}
+    scores = np.array([tasks.vqa_score(answer, item["answers"]) for answer in options.answers], np.float32)
+    target = int(np.argmax(scores)) if scores.any() else -1
+    return {"query": query, "target": np.int32(target), "answer_scores": scores}
+
+
 # One builder per feature a method may declare (Method.features). They run in this order for every record, so
 # the random draws keep their order (crop, then caption, ...) whatever else is declared: new builders go last.
 FEATURES: dict[str, Callable[[Building, FeatureOptions], dict[str, np.ndarray]]] = {
     "image": image_feature, "text": text_feature, "boxes": boxes_feature, "anchors": anchors_feature,
-    "image_view": image_view_feature, "text_view": text_view_feature,
+    "image_view": image_view_feature, "text_view": text_view_feature, "task": task_feature,
 }
 # A builder that reads what others leave in Building.
-_NEEDS = {"boxes": ("image",), "anchors": ("text", "boxes"), "text_view": ("text",)}
+_NEEDS = {"boxes": ("image",), "anchors": ("text", "boxes"), "text_view": ("text",), "task": ("image",)}
 
 
 def check_features(features) -> tuple[str, ...]:
@@ -167,12 +211,16 @@ class TrainExamples:
     """
 
     def __init__(self, image: transforms.ImageOptions, tokenizer: Tokenizer, max_len: int, noisy: bool,
-                 features=IMAGE_TEXT, max_boxes: int = 0, anchor_map: str = ""):
+                 features=IMAGE_TEXT, max_boxes: int = 0, anchor_map: str = "", task: str = "",
+                 answers: tuple[str, ...] = ()):
         self.features = check_features(features)
         if "boxes" in self.features and max_boxes < 1:
             raise ValueError(f"config.data.max_boxes={max_boxes}: the boxes feature needs at least 1")
+        if "task" in self.features:
+            check_task_options(task, answers, "boxes" in self.features)
         normalise = Normaliser.load(anchor_map) if "anchors" in self.features else None
-        self.options = FeatureOptions(image, tokenizer, max_len, max_boxes, normalise)
+        self.options = FeatureOptions(image, tokenizer, max_len, max_boxes, normalise, task,
+                                      tuple(tasks.normalise_answer(answer) for answer in answers))
         self.noisy = noisy
 
     def __call__(self, item: Located | Skipped, rng: np.random.Generator) -> dict[str, np.ndarray] | Skipped:
@@ -186,6 +234,53 @@ class TrainExamples:
             return error.at(item.where, item.record.id)
         if self.noisy:
             example[NOISY_LABEL] = np.bool_((item.record.labels or {}).get(NOISY_LABEL, False))
+        return example
+
+
+def check_task_options(task: str, answers: tuple[str, ...], has_boxes: bool) -> None:
+    """The `task` feature's settings are usable: a known task, VQA with an answer vocabulary, REC with boxes."""
+    tasks.check_task(task, "config.data.task")
+    if task == tasks.VQA and not answers:
+        raise ValueError("config.data.task='vqa' needs an answer vocabulary in config.data.answers")
+    if task == tasks.REC and not has_boxes:
+        raise ValueError("config.data.task='rec' needs the boxes feature declared too (the candidate regions)")
+
+
+class TaskEvalExamples:
+    """Every usable item of a record's `task` ground truth with its centre-cropped image, for the downstream
+    evaluator: "image" [S, S, 3] and, stacked over the items, "query" [n, L], "target" [n] (and "answers"
+    [n] lists of VQA answers; REC: "boxes" [max_boxes, 4], "box_mask", "target_box" [n, 4] in [0, 1] of the
+    crop, "cropped_items": how many items were dropped because the crop cut their box away). A record without
+    usable items is skipped (NO_TASK_ITEM)."""
+
+    def __init__(self, image: transforms.ImageOptions, options: FeatureOptions):
+        self.image, self.options = image, options
+
+    def __call__(self, item: Located | Skipped) -> dict | Skipped:
+        if isinstance(item, Skipped):
+            return item
+        record, options = item.record, self.options
+        try:
+            image, crop = transforms.eval_image_and_box(record.image, self.image)
+            items = usable_task_items(record, options.task)
+            example = {"image": image}
+            rows = None
+            if options.task == tasks.REC:
+                boxes, mask, kept = crop_boxes(record.boxes, crop, options.max_boxes)
+                rows = {int(index): row for row, index in enumerate(kept)}
+                usable = [entry for entry in items if entry["box"] in rows]
+                example["cropped_items"] = len(items) - len(usable)
+                items = usable
+                example |= {"boxes": boxes, "box_mask": mask,
+                            "target_box": np.array([boxes[rows[entry["box"]]] for entry in items], np.float32)}
+            if not items:
+                raise SkipRecord(NO_TASK_ITEM, f"no usable {options.task!r} item (labels[{options.task!r}])")
+        except SkipRecord as error:
+            return error.at(item.where, record.id)
+        arrays = [task_arrays(entry, options, rows) for entry in items]
+        example |= {key: np.stack([a[key] for a in arrays]) for key in ("query", "target")}
+        if options.task == tasks.VQA:
+            example["answers"] = [entry["answers"] for entry in items]
         return example
 
 

@@ -107,7 +107,8 @@ def load(
     options = LoaderOptions.from_config(config.data.loader)
     noisy = any(examples.carries_noisy_flag(part) for part in train_parts)
     prepare = examples.TrainExamples(image, tokenizer, config.model.text.max_len, noisy, features,
-                                     config.data.max_boxes, config.data.anchor_map)
+                                     config.data.max_boxes, config.data.anchor_map, config.data.get("task", ""),
+                                     tuple(config.data.get("answers", ())))
     train = TrainIterator(TrainSource(train_parts, weights, prepare), config.train.batch_size, config.seed,
                           process_index, process_count, options)
     return Data(train, load_eval(config, workdir, tokenizer, eval_limit), tokenizer)

@@ -10,6 +10,10 @@ Noisy pairs: with ``world.noise_fraction`` > 0, about that fraction of TRAIN sce
 random train scene (eval scenes never do); the flag is kept as ground truth (``SyntheticSplit.noisy``, and
 ``labels={"noisy": ...}`` in the records), for methods that filter noisy pairs to report how well they do.
 
+Downstream tasks: with ``world.task_items`` > 0, every record also carries that many visual-entailment, VQA and
+referring-expression items about its image under ``labels["ve"|"vqa"|"rec"]`` (world_tasks.py, schema in
+tasks.py), drawn from a stream of their own so scenes, images and captions do not depend on them.
+
 The pipeline reads the world like any other dataset of records (PNG images, every caption, boxes and tags):
 rendered on demand as records are read (`SceneRecords`, the default), or written once as ArrayRecord shards in a
 directory keyed by the world config and reused (world_shards.py, `config.data.world_storage="shards"`).
@@ -48,7 +52,8 @@ _SHAPES = {
     "diamond": lambda u, v: np.abs(u) + np.abs(v) <= 1,
     "cross": lambda u, v: (np.abs(u) <= 0.4) | (np.abs(v) <= 0.4),
 }
-_SCENE_STREAM, _NOISE_STREAM, _NOISY_PAIR_STREAM = 0, 1, 2  # independent random streams under one seed
+# Independent random streams under one seed (_TASK_STREAM: world_tasks.py's task items).
+_SCENE_STREAM, _NOISE_STREAM, _NOISY_PAIR_STREAM, _TASK_STREAM = 0, 1, 2, 3
 _RENDER_PIXELS = 1 << 22  # image pixels rendered per vectorised batch; bounds the scratch memory
 
 
@@ -114,6 +119,7 @@ def default_config() -> ml_collections.ConfigDict:
     world.layout_tries = 100  # layouts tried per object sequence before another sequence is drawn
     world.scene_tries = 10_000  # object sequences drawn per scene before the world is declared impossible
     world.noise_fraction = 0.0  # share of train scenes whose captions are swapped for another scene's
+    world.task_items = 2  # VE, VQA and REC items per task per scene in the records' labels (0: none)
     return world
 
 
@@ -183,6 +189,7 @@ class SceneRecords:
         self.split_code = _split_code(split)
         self.partners = noisy_partners(self.world, split, num)
         self.carries_flag = split == "train" and self.world.noise_fraction > 0
+        self.carries_tasks = self.world.task_items > 0
 
     def __len__(self) -> int:
         return self.num
@@ -202,10 +209,14 @@ class SceneRecords:
 
     def record(self, index: int, scene: Scene, image: np.ndarray) -> records.ImageTextRecord:
         """Scene `index`'s record from its rendered image: a lossless PNG, all captions, boxes, tags, the noisy
-        flag (stored only when the world makes noise, so only then does the pipeline emit ``batch["noisy"]``)."""
+        flag (stored only when the world makes noise, so only then does the pipeline emit ``batch["noisy"]``) and
+        the task items about the image (when ``world.task_items`` > 0; a noisy pair's are still its own scene's)."""
         encoded = io.BytesIO()
         Image.fromarray(image).save(encoded, "PNG", compress_level=self.world.png_compress_level)
         partner = int(self.partners[index])
+        labels = {"noisy": partner != index} if self.carries_flag else None
+        if self.carries_tasks:
+            labels = (labels or {}) | _task_labels(scene, self.rules, self.split_code, index)
         return records.ImageTextRecord(
             id=str(scene.id),
             image=encoded.getvalue(),
@@ -213,8 +224,15 @@ class SceneRecords:
             boxes=np.array([obj.box for obj in scene.objects], np.float32),
             tags=[obj.tag for obj in scene.objects],
             split=self.split,
-            labels={"noisy": partner != index} if self.carries_flag else None,
+            labels=labels,
         )
+
+
+def _task_labels(scene: Scene, rules: "_Rules", split_code: int, index: int) -> dict[str, list[dict]]:
+    """world_tasks.scene_tasks; imported here, on first use, because world_tasks builds on this module."""
+    from vlp_jax.data import world_tasks
+
+    return world_tasks.scene_tasks(scene, rules, split_code, index)
 
 
 def _rendered_chunks(scenes: list[Scene], world: ml_collections.ConfigDict) -> Iterator[tuple[int, np.ndarray]]:
@@ -253,6 +271,9 @@ class _Rules:
     seed: int
     image_size: int
     kinds: tuple[tuple[str, str, str], ...]  # every (size, colour, shape) an object can have
+    sizes: tuple[str, ...]  # the names, in the order of kinds
+    colours: tuple[str, ...]
+    shapes: tuple[str, ...]
     sides: tuple[int, ...]  # box side in pixels of each kind
     min_objects: int
     max_objects: int
@@ -262,15 +283,12 @@ class _Rules:
     box_gap: int  # pixels
     layout_tries: int
     scene_tries: int
+    task_items: int  # per task per scene (world_tasks.py)
 
     @classmethod
     def from_world(cls, world: ml_collections.ConfigDict) -> "_Rules":
-        kinds = tuple(
-            (size, colour, shape)
-            for size in sorted(world.sizes.keys())
-            for colour in sorted(world.colours.keys())
-            for shape in world.shapes
-        )
+        sizes, colours, shapes = tuple(sorted(world.sizes.keys())), tuple(sorted(world.colours.keys())), world.shapes
+        kinds = tuple((size, colour, shape) for size in sizes for colour in colours for shape in shapes)
         unknown = sorted(set(world.shapes) - set(_SHAPES))
         if unknown:
             raise ValueError(f"Unknown shapes {unknown} in world.shapes; known shapes: {sorted(_SHAPES)}.")
@@ -279,10 +297,18 @@ class _Rules:
                 f"world.min_objects={world.min_objects}, max_objects={world.max_objects}: need "
                 f"1 <= min_objects <= max_objects <= {len(kinds)} (the number of distinct objects)."
             )
+        if world.task_items < 0 or (world.task_items > 0 and len(colours) + len(shapes) < 3):
+            raise ValueError(
+                f"world.task_items={world.task_items}: use 0 (no task labels) or more with at least two colours or "
+                "two shapes (a contradiction changes an object's colour or shape)."
+            )
         return cls(
             seed=world.seed,
             image_size=world.image_size,
             kinds=kinds,
+            sizes=sizes,
+            colours=colours,
+            shapes=tuple(shapes),
             sides=tuple(round(world.sizes[size] * world.image_size) for size, _, _ in kinds),
             min_objects=world.min_objects,
             max_objects=world.max_objects,
@@ -292,6 +318,7 @@ class _Rules:
             box_gap=round(world.box_gap * world.image_size),
             layout_tries=world.layout_tries,
             scene_tries=world.scene_tries,
+            task_items=world.task_items,
         )
 
 
@@ -392,9 +419,14 @@ def _draw_free(span: int, blocked: list[tuple[int, int]], draw: Draw) -> int | N
 
 def _captions(objects: tuple[SceneObject, ...], count: int, draw: Draw) -> tuple[str, ...]:
     """``count`` captions from distinct templates (cycling when count exceeds them), all true of the scene."""
-    mentions = [f"{'an' if obj.size[0] in 'aeiou' else 'a'} {obj.phrase}" for obj in objects]  # left to right
+    mentions = [indefinite(obj.phrase) for obj in objects]  # left to right
     templates = _shuffled(_SINGLE_TEMPLATES if len(objects) == 1 else _TEMPLATES, draw)
     return tuple(templates[i % len(templates)](mentions, draw) for i in range(count))
+
+
+def indefinite(phrase: str) -> str:
+    """The phrase with its indefinite article: 'a large red circle', 'an orange square'."""
+    return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
 
 
 def _left_chain(mentions, draw):

@@ -276,4 +276,9 @@ def train_image(data: bytes, options: ImageOptions, rng: np.random.Generator) ->
 
 def eval_image(data: bytes, options: ImageOptions) -> np.ndarray:
     """Stored bytes -> the centre square resized, uint8 [size, size, 3]; raises SkipRecord."""
-    return _decode_crop(data, options, centre_square_box)[0]
+    return eval_image_and_box(data, options)[0]
+
+
+def eval_image_and_box(data: bytes, options: ImageOptions) -> tuple[np.ndarray, Box]:
+    """eval_image and the centre square it took, in the stored image's pixels (to map boxes into it)."""
+    return _decode_crop(data, options, centre_square_box)

@@ -1,7 +1,8 @@
 """Converts the image-text data users have on disk into ArrayRecord shards: `python -m vlp_jax.datasets.convert`.
 
     python -m vlp_jax.datasets.convert SRC --format=FORMAT --out=DIR [--records_per_shard=N] [--max_side=N]
-        [--workers=N] [--split=NAME] [--image_root=DIR] [--label_field=COLUMN[,COLUMN]] [--resume]
+        [--workers=N] [--split=NAME] [--image_root=DIR] [--label_field=COLUMN[,COLUMN]] [--instances=FILE]
+        [--annotations=FILE] [--coco_subset=NAME] [--resume]
 
 Formats:
   folder      a captions file (JSONL, CSV or TSV; SRC is the file, or a folder holding exactly one) with keys or
@@ -23,6 +24,29 @@ Formats:
               jpg/jpeg/png/webp member, the caption its txt member or the "caption" of its json member.
               All in --split. The id is the key.
 
+Downstream-task formats write the task items of data/tasks.py into each record's labels, one record per image
+(records need at least one caption: each gets its image's premises, questions or expressions); items that
+tasks.valid_items rejects are skipped one by one, as are entries the files cannot tie to an image or answer:
+  snli_ve     an SNLI-VE jsonl file (snli_ve_train.jsonl): per line `Flikr30kID` (or `Flickr30kID`), `sentence1`
+              (the premise, a Flickr30K caption), `sentence2` (the hypothesis) and `gold_label`. Lines are grouped
+              by image (records in order of first appearance): labels["ve"] = [{hypothesis, label}], captions =
+              the distinct premises. Images under --image_root (default: SRC's folder); all in --split. The id is
+              the image's file name.
+  vqa         a VQA v2 questions JSON (`questions`: image_id, question, question_id) with --annotations=FILE,
+              the VQA v2 annotations JSON whose `answers` give each question's ten human answers (required:
+              test-dev questions have no public answers, so they can be neither trained on nor scored).
+              labels["vqa"] = [{question, answers}], captions = the distinct questions; records by image id.
+              The image is --image_root/COCO_<subset>_<12-digit id>.jpg (subset: --coco_subset, default from
+              SRC's name, e.g. train2014) or, COCO 2017 style, <12-digit id>.jpg. All in --split. The id is the
+              image's file name.
+  refcoco     a RefCOCO / RefCOCO+ / RefCOCOg refs JSON (a list of {ref_id, ann_id, image_id, split, sentences:
+              [{sent}]}; the JSON form of refs(unc).p: pickles are never loaded) with --instances=FILE, the COCO
+              instances JSON of the same release (required). One record per (image, the refs' split), in image
+              id order: boxes and tags = every instance of the image (x0, y0, x1, y1 pixels; category names),
+              labels["rec"] = [{expression, box: the index of the ref's ann_id among those boxes}] for each
+              sentence of each ref of that image and split, captions = the distinct expressions. The image is
+              the instances' images[].file_name under --image_root. The id is <split>/<file_name>.
+
 Every image must decode fully with PIL (verify() misses truncated JPEGs); it is stored as given unless it is
 larger than --max_side or not JPEG/PNG/WebP, in which case it is re-encoded (orientation applied). Items that fail
 are skipped and counted by reason (SKIP_REASONS); the closing report shows the first few of each.
@@ -43,6 +67,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import sys
 import tarfile
 import time
@@ -53,6 +78,7 @@ import numpy as np
 from etils import epath
 from PIL import Image, ImageOps
 
+from vlp_jax.data import tasks
 from vlp_jax.data.records import (
     MANIFEST_NAME,
     ImageTextRecord,
@@ -69,7 +95,7 @@ from vlp_jax.data.skips import SkipLog, SkipRecord
 
 __all__ = ["FORMATS", "SKIP_REASONS", "ConvertError", "Options", "Report", "convert", "main", "write_records"]
 
-FORMATS = ("folder", "coco", "karpathy", "webdataset")
+FORMATS = ("folder", "coco", "karpathy", "webdataset", "snli_ve", "vqa", "refcoco")
 SKIP_REASONS = {
     "missing_image": "image file not found, or no image member in the sample",
     "bad_image": "image bytes that PIL cannot decode (truncated, empty, not an image)",
@@ -79,6 +105,10 @@ SKIP_REASONS = {
     "duplicate_id": "an id converted earlier",
     "bad_row": "a malformed annotation row or field",
     "bad_tar": "a tar file unreadable from this point on",
+    "bad_task_item": "a VE, VQA or RefCOCO item that tasks.valid_items rejects: blank text, a gold_label other "
+                     "than entailment/neutral/contradiction (SNLI's '-': no consensus), no answer strings",
+    "unanswered_question": "a VQA question with no annotation in --annotations",
+    "unknown_object": "a RefCOCO ref whose ann_id is not an annotation of its image in --instances",
 }
 STORED_FORMATS = ("JPEG", "PNG", "WEBP")
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
@@ -88,6 +118,10 @@ STAGING_DIR = ".convert"
 ORIENTATION_TAG = 0x0112  # EXIF orientation
 REPORT_NAME = "convert_report.json"
 EXAMPLES_PER_REASON = 5
+SNLI_VE_IMAGE_KEYS = ("Flikr30kID", "Flickr30kID")  # the released files spell it "Flikr"
+COCO_ID_DIGITS = 12  # COCO file names zero-pad the image id: 000000000042.jpg
+COCO_SUBSET = re.compile(r"(train|val|test)(?:-dev)?(\d{4})")  # v2_..._test-dev2015_... -> test2015
+PICKLE_SUFFIXES = (".p", ".pkl", ".pickle")
 
 
 class ConvertError(ValueError):
@@ -103,14 +137,17 @@ class Options:
     split: str = "train"  # split name for formats that carry none
     image_root: str | None = None
     label_fields: tuple[str, ...] = ()  # folder format: columns copied into each record's labels
-    instances: str | None = None  # coco format: a COCO instances JSON whose boxes and category names are kept
+    instances: str | None = None  # coco, refcoco formats: a COCO instances JSON whose boxes and names are kept
+    annotations: str | None = None  # vqa format: the VQA v2 annotations JSON holding each question's answers
+    coco_subset: str | None = None  # vqa format: <subset> of COCO_<subset>_<id>.jpg; None = from SRC's name
     progress_seconds: float = 10.0  # at most one progress line per this many seconds
 
     def fingerprint_fields(self) -> dict:
         """The options that change the output (not how fast it is made)."""
         fields = {"records_per_shard": self.records_per_shard, "max_side": self.max_side, "quality": self.quality}
         fields |= {"label_fields": list(self.label_fields)} if self.label_fields else {}
-        return fields | ({"instances": self.instances} if self.instances else {})
+        named = {"instances": self.instances, "annotations": self.annotations, "coco_subset": self.coco_subset}
+        return fields | {name: value for name, value in named.items() if value}
 
 
 def _skip_log() -> SkipLog:
@@ -158,7 +195,8 @@ class _Item:
     image: str = ""
     captions: tuple[str, ...] = ()
     split: str = ""
-    labels: tuple[tuple[str, str | int], ...] = ()  # (label field, value) pairs for the record's labels
+    # (label field, value) pairs for the record's labels: a class name or index, or a task's items (data/tasks.py)
+    labels: tuple[tuple[str, str | int | list[dict]], ...] = ()
     boxes: tuple[tuple[float, float, float, float], ...] = ()  # object boxes (x0, y0, x1, y1) in pixels
     tags: tuple[str, ...] = ()  # the name of each box
     reject: str | None = None
@@ -206,6 +244,11 @@ def _decode_text(data: bytes) -> str:
     return data.decode("utf-8", errors="surrogateescape")
 
 
+def _image_root(src: epath.Path, options: Options) -> epath.Path:
+    """The folder image paths are relative to: --image_root, else SRC's folder."""
+    return epath.Path(options.image_root) if options.image_root else src.parent
+
+
 def _read_json(path: epath.Path):
     try:
         return json.loads(_decode_text(path.read_bytes()))
@@ -222,6 +265,28 @@ def _listed_item(
     except SkipRecord as skip:
         return _Item(source, item_id, os.fspath(image), split=split, reject=skip.reason, detail=skip.message)
     return _Item(source, item_id, os.fspath(image), captions, split, labels, *objects)
+
+
+def _rejected(source: str, split: str, skip: SkipRecord) -> _Item:
+    """The item of an annotation entry skipped while listing, counted when its unit runs."""
+    return _Item(source, split=split, reject=skip.reason, detail=skip.message)
+
+
+def _stripped(text):
+    """``text`` without surrounding white space when it is a string; anything else as it is, for checks to name."""
+    return text.strip() if isinstance(text, str) else text
+
+
+def _task_item(task: str, item: dict, num_boxes: int = 0) -> dict:
+    """``item`` when tasks.valid_items keeps it and its text is UTF-8; raises SkipRecord otherwise."""
+    _, reasons = tasks.valid_items(task, [item], num_boxes)
+    if reasons:
+        raise SkipRecord("bad_task_item", reasons[0])
+    query_field = tasks.QUERY_FIELD[task]
+    _require_utf8(item[query_field], query_field)
+    for answer in item.get("answers", ()):
+        _require_utf8(answer, "answer")
+    return item
 
 
 def _objects(boxes, tags) -> tuple[tuple, tuple]:
@@ -294,7 +359,7 @@ def _row_captions(row: dict) -> list:
 
 def _list_folder(src: epath.Path, options: Options) -> list[_Item]:
     path = _captions_file(src)
-    root = epath.Path(options.image_root) if options.image_root else path.parent
+    root = _image_root(path, options)
     entries: dict[str, dict] = {}  # image id (or a row marker) -> what its rows say, in first-seen order
     for number, row in _read_rows(path):
         source = f"{path}:{number}"
@@ -344,7 +409,7 @@ def _list_coco(src: epath.Path, options: Options) -> list[_Item]:
     if not isinstance(images, list) or not isinstance(annotations, list):
         raise ConvertError(f"{src} is not a COCO captions file (needs `images` and `annotations` lists); "
                            "for a Karpathy-split file use --format=karpathy")
-    root = epath.Path(options.image_root) if options.image_root else src.parent
+    root = _image_root(src, options)
     captions = collections.defaultdict(list)
     for annotation in annotations:
         if isinstance(annotation, dict):
@@ -362,16 +427,24 @@ def _list_coco(src: epath.Path, options: Options) -> list[_Item]:
     return items
 
 
-def _coco_instances(path: epath.Path) -> dict:
-    """image id -> (boxes (x0, y0, x1, y1), category names) of a COCO instances JSON; a malformed annotation is a
-    ConvertError naming it."""
-    data = _read_json(path)
+def _flag_json(flag: str, path: str | None, fmt: str, example: str):
+    """The JSON file a flag names; a ConvertError naming the flag when it is not given or not there."""
+    if not path:
+        raise ConvertError(f"--format={fmt} needs {flag}=FILE ({example})")
+    if not epath.Path(path).exists():
+        raise ConvertError(f"{flag}={path} does not exist; pass the {example}")
+    return _read_json(epath.Path(path))
+
+
+def _instance_objects(data, path: str) -> dict[object, list[tuple]]:
+    """image id -> [(annotation id, box (x0, y0, x1, y1), category name)] of a COCO instances JSON, in file order;
+    a malformed annotation is a ConvertError naming it."""
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list) or not isinstance(
             data.get("categories"), list):
         raise ConvertError(f"--instances={path} is not a COCO instances file (needs `annotations` and "
                            "`categories` lists)")
     names = {c.get("id"): c.get("name") for c in data["categories"] if isinstance(c, dict)}
-    found = collections.defaultdict(lambda: ([], []))
+    found = collections.defaultdict(list)
     for index, annotation in enumerate(data["annotations"]):
         bbox = annotation.get("bbox") if isinstance(annotation, dict) else None
         name = names.get(annotation.get("category_id")) if isinstance(annotation, dict) else None
@@ -380,10 +453,15 @@ def _coco_instances(path: epath.Path) -> dict:
             raise ConvertError(f"--instances={path}: annotations[{index}] needs a bbox [x, y, w, h] and a known "
                                "category_id")
         x, y, w, h = (float(v) for v in bbox)
-        boxes, tags = found[annotation.get("image_id")]
-        boxes.append((x, y, x + w, y + h))
-        tags.append(name)
-    return {key: (tuple(boxes), tuple(tags)) for key, (boxes, tags) in found.items()}
+        found[annotation.get("image_id")].append((annotation.get("id"), (x, y, x + w, y + h), name))
+    return found
+
+
+def _coco_instances(path: epath.Path) -> dict:
+    """image id -> (boxes (x0, y0, x1, y1), category names) of a COCO instances JSON."""
+    found = _instance_objects(_read_json(path), os.fspath(path))
+    return {key: (tuple(box for _, box, _ in objects), tuple(name for _, _, name in objects))
+            for key, objects in found.items()}
 
 
 def _list_karpathy(src: epath.Path, options: Options) -> list[_Item]:
@@ -392,7 +470,7 @@ def _list_karpathy(src: epath.Path, options: Options) -> list[_Item]:
     if not isinstance(images, list):
         raise ConvertError(f"{src} is not a Karpathy-split file (needs an `images` list); "
                            "for COCO captions JSON use --format=coco")
-    root = epath.Path(options.image_root) if options.image_root else src.parent
+    root = _image_root(src, options)
     items = []
     for index, image in enumerate(images):
         source = f"{src}:images[{index}]"
@@ -406,6 +484,185 @@ def _list_karpathy(src: epath.Path, options: Options) -> list[_Item]:
         raw = [s.get("raw") if isinstance(s, dict) else None for s in sentences]
         items.append(_listed_item(source, filename, root / (fields.get("filepath") or "") / filename, raw, split))
     return items
+
+
+def _list_snli_ve(src: epath.Path, options: Options) -> list[_Item]:
+    if src.suffix.lower() != ".jsonl":
+        raise ConvertError(f"{src}: --format=snli_ve reads the SNLI-VE JSON lines files (snli_ve_train.jsonl, ...)")
+    root = _image_root(src, options)
+    images: dict[str, dict] = {}  # image file name -> its first line, premises and items, in first-seen order
+    rejects = []
+    for number, row in _read_rows(src):
+        source = f"{src}:{number}"
+        try:
+            image, premise, item = _snli_ve_line(row)
+        except SkipRecord as skip:
+            rejects.append(_rejected(source, options.split, skip))
+            continue
+        entry = images.setdefault(image, {"source": source, "premises": [], "items": []})
+        entry["premises"] += [premise] if premise else []
+        entry["items"].append(item)
+    items = [_listed_item(entry["source"], image, root / image, list(dict.fromkeys(entry["premises"])),
+                          options.split, ((tasks.VE, entry["items"]),)) for image, entry in images.items()]
+    return items + rejects
+
+
+def _snli_ve_line(row: dict | None) -> tuple[str, str | None, dict]:
+    """(image file name, premise or None, VE item) of one SNLI-VE line; raises SkipRecord."""
+    image = next((row[key] for key in SNLI_VE_IMAGE_KEYS if key in row), None) if row else None
+    if not isinstance(image, str) or not image.strip():
+        raise SkipRecord("bad_row", f"not a JSON object with a {' or '.join(SNLI_VE_IMAGE_KEYS)} string")
+    premise = row["sentence1"].strip() if isinstance(row.get("sentence1"), str) else None
+    if premise:
+        _require_utf8(premise, "sentence1")
+    item = _task_item(tasks.VE, {"hypothesis": _stripped(row.get("sentence2")), "label": row.get("gold_label")})
+    return posixpath.normpath(image.strip()), premise, item
+
+
+def _list_vqa(src: epath.Path, options: Options) -> list[_Item]:
+    data = _read_json(src)
+    questions = data.get("questions") if isinstance(data, dict) else None
+    if not isinstance(questions, list):
+        raise ConvertError(f"{src} is not a VQA questions file (needs a `questions` list, as in "
+                           "v2_OpenEnded_mscoco_train2014_questions.json)")
+    annotations = _flag_json("--annotations", options.annotations, "vqa",
+                             "the VQA v2 annotations JSON of the same questions, e.g. "
+                             "v2_mscoco_train2014_annotations.json; test-dev has none, so it cannot be converted")
+    if not isinstance(annotations, dict) or not isinstance(annotations.get("annotations"), list):
+        raise ConvertError(f"--annotations={options.annotations} is not a VQA annotations file (needs an "
+                           "`annotations` list)")
+    answered = {a["question_id"]: a for a in annotations["annotations"]
+                if isinstance(a, dict) and _is_int(a.get("question_id"))}
+    images: dict[int, dict] = {}  # image id -> its first question's place and its items
+    rejects = []
+    for index, question in enumerate(questions):
+        source = f"{src}:questions[{index}]"
+        try:
+            image_id, item = _vqa_question(question, answered, options.annotations)
+        except SkipRecord as skip:
+            rejects.append(_rejected(source, options.split, skip))
+            continue
+        images.setdefault(image_id, {"source": source, "items": []})["items"].append(item)
+    root = _image_root(src, options)
+    present = {path.name for path in root.iterdir()}
+    subset = options.coco_subset or _coco_subset(src.name)
+    items = []
+    for image_id in sorted(images):
+        entry = images[image_id]
+        names = _coco_image_names(image_id, subset)
+        name = next((name for name in names if name in present), None)
+        if name is None:
+            hint = "" if subset else "; name the COCO_<subset>_ part with --coco_subset"
+            items.append(_rejected(entry["source"], options.split,
+                                   SkipRecord("missing_image", f"no {' or '.join(names)} in {root}{hint}")))
+            continue
+        questions_asked = list(dict.fromkeys(item["question"] for item in entry["items"]))
+        items.append(_listed_item(entry["source"], name, root / name, questions_asked, options.split,
+                                  ((tasks.VQA, entry["items"]),)))
+    return items + rejects
+
+
+def _vqa_question(question, answered: dict, annotations: str) -> tuple[int, dict]:
+    """(image id, VQA item with the annotation's raw answers) of one question; raises SkipRecord."""
+    fields = question if isinstance(question, dict) else {}
+    image_id, question_id = fields.get("image_id"), fields.get("question_id")
+    if not _is_int(image_id) or not _is_int(question_id):
+        raise SkipRecord("bad_row", "needs an integer image_id and question_id")
+    if question_id not in answered:
+        raise SkipRecord("unanswered_question", f"question_id {question_id} is not in --annotations={annotations}")
+    answers = answered[question_id].get("answers")
+    raw = [a.get("answer") if isinstance(a, dict) else None for a in answers] if isinstance(answers, list) else answers
+    return image_id, _task_item(tasks.VQA, {"question": _stripped(fields.get("question")), "answers": raw})
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _coco_subset(file_name: str) -> str | None:
+    """The COCO subset a VQA file name names (train2014, val2014, test2015 for test-dev2015), or None."""
+    found = COCO_SUBSET.search(file_name)
+    return f"{found[1]}{found[2]}" if found else None
+
+
+def _coco_image_names(image_id: int, subset: str | None) -> tuple[str, ...]:
+    """The names COCO gives an image: COCO_<subset>_<padded id>.jpg (2014/2015) and <padded id>.jpg (2017)."""
+    plain = f"{image_id:0{COCO_ID_DIGITS}d}.jpg"
+    return (f"COCO_{subset}_{plain}", plain) if subset else (plain,)
+
+
+def _list_refcoco(src: epath.Path, options: Options) -> list[_Item]:
+    if src.suffix.lower() in PICKLE_SUFFIXES:
+        raise ConvertError(
+            f"{src} is a Python pickle, and this converter never loads pickles (loading one can run any code). "
+            f"Save the refs as JSON once, from a copy you trust: python -c \"import json, pickle; json.dump("
+            f"pickle.load(open('{src.name}', 'rb')), open('{src.stem}.json', 'w'))\", then pass that .json as SRC")
+    refs = _read_json(src)
+    if not isinstance(refs, list):
+        raise ConvertError(f"{src} is not a RefCOCO refs JSON (a list of refs with ann_id, image_id, split and "
+                           "sentences)")
+    instances = _flag_json("--instances", options.instances, "refcoco",
+                           "the COCO instances JSON of the refs' release, e.g. refcoco/instances.json")
+    objects = _instance_objects(instances, options.instances)
+    files = _instance_files(instances, options.instances)
+    by_record: dict[tuple, dict] = {}  # (image id, split) -> its first ref's place and its items
+    rejects = []
+    for index, ref in enumerate(refs):
+        source = f"{src}:refs[{index}]"
+        try:
+            image_id, split, box = _ref_object(ref, files, objects, options.instances)
+        except SkipRecord as skip:
+            rejects.append(_rejected(source, options.split, skip))
+            continue
+        entry = by_record.setdefault((image_id, split), {"source": source, "items": []})
+        for number, sentence in enumerate(ref["sentences"]):
+            expression = _stripped(sentence.get("sent")) if isinstance(sentence, dict) else None
+            try:
+                entry["items"].append(_task_item(tasks.REC, {"expression": expression, "box": box},
+                                                 len(objects[image_id])))
+            except SkipRecord as skip:
+                rejects.append(_rejected(f"{source}.sentences[{number}]", split, skip))
+    root = _image_root(src, options)
+    items = []
+    for (image_id, split), entry in sorted(by_record.items()):  # keys are unique: entries are never compared
+        if not entry["items"]:
+            continue  # every sentence was skipped, each counted
+        boxes = tuple(box for _, box, _ in objects[image_id])
+        tags = tuple(name for _, _, name in objects[image_id])
+        expressions = list(dict.fromkeys(item["expression"] for item in entry["items"]))
+        items.append(_listed_item(entry["source"], f"{split}/{files[image_id]}", root / files[image_id], expressions,
+                                  split, ((tasks.REC, entry["items"]),), (boxes, tags)))
+    return items + rejects
+
+
+def _instance_files(instances: dict, path: str) -> dict[int, str]:
+    """image id -> file_name of a COCO instances JSON's `images`; a ConvertError naming a malformed entry."""
+    images = instances.get("images")
+    if not isinstance(images, list):
+        raise ConvertError(f"--instances={path} has no `images` list; pass the instances JSON of the refs' release")
+    files = {}
+    for index, image in enumerate(images):
+        fields = image if isinstance(image, dict) else {}
+        if not _is_int(fields.get("id")) or not isinstance(fields.get("file_name"), str):
+            raise ConvertError(f"--instances={path}: images[{index}] needs an integer id and a file_name")
+        files[fields["id"]] = fields["file_name"]
+    return files
+
+
+def _ref_object(ref, files: dict, objects: dict, instances: str) -> tuple[int, str, int]:
+    """(image id, split, index of the ref's object among the image's boxes) of one ref; raises SkipRecord."""
+    fields = ref if isinstance(ref, dict) else {}
+    image_id, split = fields.get("image_id"), fields.get("split")
+    if not (_is_int(image_id) and isinstance(split, str) and split.strip() and "ann_id" in fields
+            and isinstance(fields.get("sentences"), list)):
+        raise SkipRecord("bad_row", "needs an integer image_id, ann_id, a split and a sentences list")
+    if image_id not in files:
+        raise SkipRecord("missing_image", f"image_id {image_id} is not in --instances={instances} images")
+    annotation_ids = [annotation_id for annotation_id, _, _ in objects.get(image_id, ())]
+    if fields["ann_id"] not in annotation_ids:
+        raise SkipRecord("unknown_object", f"ann_id {fields['ann_id']!r} is not an annotation of image {image_id} "
+                         f"in --instances={instances}")
+    return image_id, split.strip(), annotation_ids.index(fields["ann_id"])
 
 
 def _list_tars(src: str) -> list[epath.Path]:
@@ -435,7 +692,9 @@ def _plan(src: str, fmt: str, options: Options) -> list[_Unit]:
     path = epath.Path(src)
     if not path.exists():
         raise ConvertError(f"SRC {src} does not exist; pass the captions file or JSON to convert")
-    items = {"folder": _list_folder, "coco": _list_coco, "karpathy": _list_karpathy}[fmt](path, options)
+    listers = {"folder": _list_folder, "coco": _list_coco, "karpathy": _list_karpathy, "snli_ve": _list_snli_ve,
+               "vqa": _list_vqa, "refcoco": _list_refcoco}
+    items = listers[fmt](path, options)
     by_split = collections.defaultdict(list)
     for item in items:
         by_split[item.split].append(item)
@@ -742,7 +1001,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = Options()
     parser = _ArgumentParser(prog="python -m vlp_jax.datasets.convert", description=__doc__.split("\n")[0],
                              epilog="Formats: " + ", ".join(FORMATS) + ". See the module docstring for details.")
-    parser.add_argument("src", help="captions file/folder, COCO or Karpathy JSON, or tar file/folder/glob")
+    parser.add_argument("src", help="captions file/folder, COCO or Karpathy JSON, tar file/folder/glob, SNLI-VE "
+                                    "jsonl, VQA v2 questions JSON or RefCOCO refs JSON")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, help="output folder (local or any etils.epath path, e.g. gs://)")
     parser.add_argument("--records_per_shard", type=int, default=defaults.records_per_shard)
@@ -755,7 +1015,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--label_field", default="",
                         help="folder format: comma-separated columns copied into each record's labels (e.g. a class)")
     parser.add_argument("--instances", default=None,
-                        help="coco format: a COCO instances JSON whose boxes and category names go into the records")
+                        help="coco format: a COCO instances JSON whose boxes and category names go into the records; "
+                             "refcoco format (required): the instances JSON of the refs' release")
+    parser.add_argument("--annotations", default=None,
+                        help="vqa format (required): the VQA v2 annotations JSON holding each question's answers")
+    parser.add_argument("--coco_subset", default=None,
+                        help="vqa format: <subset> in image names COCO_<subset>_<id>.jpg (default: from SRC's name, "
+                             "e.g. train2014)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted conversion into --out")
     parser.add_argument("--progress_seconds", type=float, default=defaults.progress_seconds)
     return parser.parse_args(argv)
@@ -766,7 +1032,8 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(records_per_shard=args.records_per_shard, max_side=args.max_side, quality=args.quality,
                       workers=args.workers, split=args.split, image_root=args.image_root,
                       label_fields=tuple(field.strip() for field in args.label_field.split(",") if field.strip()),
-                      instances=args.instances, progress_seconds=args.progress_seconds)
+                      instances=args.instances, annotations=args.annotations, coco_subset=args.coco_subset,
+                      progress_seconds=args.progress_seconds)
     try:
         manifest, report = convert(args.src, args.format, args.out, options, resume=args.resume)
     except ConvertError as error:

@@ -22,6 +22,7 @@ from PIL import Image
 from vlp_jax import checkpoint, methods, metrics, stages, step
 from vlp_jax.data import pipeline
 from vlp_jax.evaluate.context import EVERY_EVAL_STEP, EvalContext, EvalPass, Evaluator, Result
+from vlp_jax.evaluate.downstream import DownstreamEvaluator
 from vlp_jax.evaluate.evaluators import (
     EfficiencyEvaluator,
     PictureEvaluator,
@@ -43,6 +44,7 @@ REGISTRY: dict[str, type[Evaluator]] = {
     "picture": PictureEvaluator,
     "reconstruction": ReconstructionEvaluator,
     "rerank": RerankEvaluator,
+    "downstream": DownstreamEvaluator,
 }
 
 

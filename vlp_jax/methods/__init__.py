@@ -12,12 +12,14 @@ from vlp_jax.methods.clip import ClipMethod
 from vlp_jax.methods.cmal import CmalMethod
 from vlp_jax.methods.cookie import CookieMethod
 from vlp_jax.methods.cots import CotsMethod
+from vlp_jax.methods.finetune import FinetuneMethod, RetrievalFinetuneMethod
 from vlp_jax.methods.siglip import SiglipMethod
 from vlp_jax.methods.vq import VQMethod
 
 REGISTRY: dict[str, type[Method]] = {
     "brivl": BrivlMethod, "clip": ClipMethod, "cmal": CmalMethod, "cookie": CookieMethod, "cots": CotsMethod,
-    "siglip": SiglipMethod, "vq": VQMethod,
+    "finetune": FinetuneMethod, "finetune_retrieval": RetrievalFinetuneMethod, "siglip": SiglipMethod,
+    "vq": VQMethod,
 }
 
 

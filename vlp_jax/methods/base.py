@@ -144,6 +144,13 @@ class Method:
         return flops.tower_encode_flops(config.model)
 
     @classmethod
+    def resolve_config(cls, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        """The run config completed before anything is built (after the stages ran): e.g. fine-tuning takes its
+        towers' shapes and tokenizer from `config.init_from`. Runs at every start of the run, so a resumed run
+        resolves to the same config; saved with the checkpoints (what --mode=eval reads)."""
+        return config
+
+    @classmethod
     def pretrained(cls, config: ml_collections.ConfigDict) -> dict[str, Pretrained]:
         """Other runs' weights by name; the constructor receives them loaded, as `pretrained[name]`."""
         del config

@@ -1,0 +1,13 @@
+"""Fine-tuning on visual question answering over a closed answer vocabulary, scored by the VQA score (VQA v2).
+
+Usage: python -m vlp_jax.main --config=configs/finetune/vqa.py:tiny --config.init_from=RUN --workdir=DIR
+       (variants: SIZE or SIZE,METHOD to pre-train METHOD first; see configs/finetune/common.py)
+"""
+
+import ml_collections
+
+from configs.finetune import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    return common.finetune_config(arg, "finetune", "vqa")
