@@ -55,6 +55,7 @@ def default_evaluators() -> ml_collections.ConfigDict:
         dict(
             retrieval=dict(type="retrieval", every=-1),
             unimodal=dict(type="unimodal", every=0),
+            twins=dict(type="twins", every=0),
             zeroshot=dict(type="zeroshot", every=0),
             efficiency=dict(type="efficiency", every=0),
             picture=dict(type="picture", every=0),

@@ -52,8 +52,9 @@ _SHAPES = {
     "diamond": lambda u, v: np.abs(u) + np.abs(v) <= 1,
     "cross": lambda u, v: (np.abs(u) <= 0.4) | (np.abs(v) <= 0.4),
 }
-# Independent random streams under one seed (_TASK_STREAM: world_tasks.py's task items).
-_SCENE_STREAM, _NOISE_STREAM, _NOISY_PAIR_STREAM, _TASK_STREAM = 0, 1, 2, 3
+# Independent random streams under one seed (_TASK_STREAM: world_tasks.py's task items; _TWIN_STREAM: hard negatives).
+_SCENE_STREAM, _NOISE_STREAM, _NOISY_PAIR_STREAM, _TASK_STREAM, _TWIN_STREAM = 0, 1, 2, 3, 4
+TWIN_GROUP = 2  # a scene and its hard-negative twin: indices 2k and 2k + 1
 _RENDER_PIXELS = 1 << 22  # image pixels rendered per vectorised batch; bounds the scratch memory
 
 
@@ -120,6 +121,10 @@ def default_config() -> ml_collections.ConfigDict:
     world.scene_tries = 10_000  # object sequences drawn per scene before the world is declared impossible
     world.noise_fraction = 0.0  # share of train scenes whose captions are swapped for another scene's
     world.task_items = 2  # VE, VQA and REC items per task per scene in the records' labels (0: none)
+    # Share of odd scenes 2k + 1 that are hard negatives of scene 2k: the same scene with one object's shape changed
+    # (even k) or its objects in another left-to-right order (odd k). A training epoch keeps the two adjacent, so
+    # they meet in one batch. 0: every scene drawn independently.
+    world.hard_negative_fraction = 0.5
     return world
 
 
@@ -284,6 +289,7 @@ class _Rules:
     layout_tries: int
     scene_tries: int
     task_items: int  # per task per scene (world_tasks.py)
+    hard_negative_fraction: float  # share of odd scenes that are twins of the scene before
 
     @classmethod
     def from_world(cls, world: ml_collections.ConfigDict) -> "_Rules":
@@ -319,10 +325,68 @@ class _Rules:
             layout_tries=world.layout_tries,
             scene_tries=world.scene_tries,
             task_items=world.task_items,
+            hard_negative_fraction=world.get("hard_negative_fraction", 0.0),
         )
 
 
 def _generate_scene(rules: _Rules, split_code: int, index: int) -> Scene:
+    """Scene `index` of the split: the hard-negative twin of scene index - 1 (odd indices, with probability
+    hard_negative_fraction, when a twin of that split exists), else drawn on its own (`_draw_scene`)."""
+    twin = _twin_scene(rules, split_code, index)
+    return _draw_scene(rules, split_code, index) if twin is None else twin
+
+
+def _twin_scene(rules: _Rules, split_code: int, index: int) -> Scene | None:
+    """Scene `index` when it is the hard-negative twin of scene index - 1, else None."""
+    if rules.hard_negative_fraction <= 0 or not index % TWIN_GROUP:
+        return None
+    draw = _uniforms(np.random.default_rng((rules.seed, _TWIN_STREAM, split_code, index)))
+    if draw() >= rules.hard_negative_fraction:
+        return None
+    return _twin(_draw_scene(rules, split_code, index - 1), rules, split_code, index, draw)
+
+
+def twin_pairs(world: ml_collections.ConfigDict, split: str, num: int) -> list[tuple[int, int, str]]:
+    """(scene, its twin, "shape" | "order") for every hard-negative pair among the first `num` scenes of `split`."""
+    rules, split_code, pairs = _Rules.from_world(world), _split_code(split), []
+    for index in range(1, num, TWIN_GROUP):
+        twin = _twin_scene(rules, split_code, index)
+        if twin is not None:
+            base = _draw_scene(rules, split_code, index - 1)
+            same_objects = sorted(o.phrase for o in base.objects) == sorted(o.phrase for o in twin.objects)
+            pairs.append((index - 1, index, "order" if same_objects else "shape"))
+    return pairs
+
+
+def _twin(base: Scene, rules: _Rules, split_code: int, index: int, draw: Draw) -> Scene | None:
+    """A scene that differs from `base` only in one object's shape (index // 2 even) or only in the left-to-right
+    order of its objects (odd; the other kind when this one has no variant in the split), with fresh captions;
+    None when no variant belongs to the split. A shape twin keeps every box; an order twin keeps them when the
+    sizes at each place stay, else is laid out again."""
+    kinds = [(obj.size, obj.colour, obj.shape) for obj in base.objects]
+    shape_twins = [kinds[:j] + [(size, colour, other)] + kinds[j + 1 :]
+                   for j, (size, colour, shape) in enumerate(kinds) for other in rules.shapes
+                   if other != shape and (size, colour, other) not in kinds]
+    order_twins = [list(order) for order in itertools.permutations(kinds) if list(order) != kinds]
+    groups = (order_twins, shape_twins) if (index // TWIN_GROUP) % 2 else (shape_twins, order_twins)
+    side = {kind: side for kind, side in zip(rules.kinds, rules.sides, strict=True)}
+    for group in groups:
+        for twin_kinds in _shuffled(group, draw):
+            if _split_of(twin_kinds, rules.eval_fraction) != split_code:
+                continue
+            sides = [side[kind] for kind in twin_kinds]
+            boxes = ([obj.box for obj in base.objects] if sides == [side[kind] for kind in kinds]
+                     else _layout(sides, rules, draw))
+            if boxes is None:
+                continue
+            objects = tuple(SceneObject(shape=shape, colour=colour, size=size, box=box, tag=shape)
+                            for (size, colour, shape), box in zip(twin_kinds, boxes, strict=True))
+            return Scene(id=index * len(SPLITS) + split_code, objects=objects,
+                         captions=_captions(objects, rules.captions_per_image, draw))
+    return None
+
+
+def _draw_scene(rules: _Rules, split_code: int, index: int) -> Scene:
     """Draw left-to-right object sequences until one belongs to the split, then lay it out in the image."""
     draw = _uniforms(np.random.default_rng((rules.seed, _SCENE_STREAM, split_code, index)))
     for _ in range(rules.scene_tries):

@@ -53,37 +53,48 @@ class TrainSource:
     def epoch(self, seed: int) -> grain.MapDataset:
         """One epoch of items: each part globally shuffled (reseeded per epoch when repeated), then mixed."""
         seeds = np.random.SeedSequence((seed, _SHUFFLE_STREAM)).generate_state(len(self.parts))
-        shuffled = [shuffle(grain.MapDataset.source(part), int(s)) for part, s in zip(self.parts, seeds, strict=True)]
+        shuffled = [shuffle(grain.MapDataset.source(part), int(s), getattr(part, "shuffle_group", 1))
+                    for part, s in zip(self.parts, seeds, strict=True)]
         return shuffled[0] if len(shuffled) == 1 else grain.MapDataset.mix(shuffled, self.weights)
 
 
-def shuffle(dataset: grain.MapDataset, seed: int) -> grain.MapDataset:
+def shuffle(dataset: grain.MapDataset, seed: int, group: int = 1) -> grain.MapDataset:
     """``dataset`` globally shuffled, differently in every epoch (index // len): grain's index_shuffle, or for up
     to PERMUTE_LIMIT records a stored permutation (index_shuffle walks cycles over a domain of at least 2^16, so
-    a small source costs up to ~0.3 ms per index)."""
-    return _PermutedDataset(dataset, seed) if len(dataset) <= PERMUTE_LIMIT else dataset.shuffle(seed=seed)
+    a small source costs up to ~0.3 ms per index). With `group` > 1, runs of `group` consecutive records (a source's
+    `shuffle_group`: the world's hard-negative twins) are shuffled as units and stay adjacent (stored permutation)."""
+    if group > 1 or len(dataset) <= PERMUTE_LIMIT:
+        return _PermutedDataset(dataset, seed, group)
+    return dataset.shuffle(seed=seed)
 
 
 class _PermutedDataset(grain.MapDataset):
-    """Element i of epoch e is parent[e * n + permutation_e[i]], permutation_e drawn from (seed, e)."""
+    """Element i of epoch e is parent[e * n + permutation_e[i]], permutation_e drawn from (seed, e); with `group` > 1
+    it permutes runs of `group` consecutive indices (the last run may be shorter) and keeps each run in order."""
 
     _EPOCHS_KEPT = 2  # read-ahead crosses epoch boundaries: the current and the next permutation are kept
 
-    def __init__(self, parent: grain.MapDataset, seed: int):
+    def __init__(self, parent: grain.MapDataset, seed: int, group: int = 1):
         super().__init__(parent)
         self._seed = seed
+        self._group = group
         self._orders: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self._parent)
 
     def __str__(self) -> str:
-        return f"_PermutedDataset(seed={self._seed})"
+        return f"_PermutedDataset(seed={self._seed}, group={self._group})"
 
     def _order(self, epoch: int) -> np.ndarray:
         order = self._orders.get(epoch)
         if order is None:  # threads may both compute it: the same array, and dict assignment is atomic
-            order = np.random.default_rng((self._seed, epoch)).permutation(len(self._parent)).astype(np.int32)
+            size, group = len(self._parent), self._group
+            order = np.random.default_rng((self._seed, epoch)).permutation(-(-size // group))
+            if group > 1:
+                order = (order[:, None] * group + np.arange(group)).reshape(-1)
+                order = order[order < size]
+            order = order.astype(np.int32)
             self._orders = {e: o for e, o in self._orders.items() if e > epoch - self._EPOCHS_KEPT} | {epoch: order}
         return order
 

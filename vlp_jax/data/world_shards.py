@@ -35,6 +35,7 @@ class WorldSource:
     def __init__(self, world: ml_collections.ConfigDict, split: str, num: int):
         self.scenes = synthetic.SceneRecords(world, split, num)
         self.name = f"embedded world ({split}, {num} scenes)"
+        self.shuffle_group = shuffle_group(world)
 
     def __len__(self) -> int:
         return len(self.scenes)
@@ -49,6 +50,12 @@ class WorldSource:
         return f"WorldSource({self.name!r})"
 
 
+def shuffle_group(world: ml_collections.ConfigDict) -> int:
+    """Consecutive records a training shuffle keeps together (train_stream.shuffle): a scene and its hard-negative
+    twin (synthetic.TWIN_GROUP) when the world makes twins, so they meet in one batch; else 1."""
+    return synthetic.TWIN_GROUP if world.get("hard_negative_fraction", 0.0) > 0 else 1
+
+
 def open_world(data: ml_collections.ConfigDict, split: str, root: epath.PathLike):
     """The `split` ("train" or "eval") of the world of `config.data` in its configured storage; the shards, when
     asked for, are cached under `root`."""
@@ -59,7 +66,9 @@ def open_world(data: ml_collections.ConfigDict, split: str, root: epath.PathLike
         return WorldSource(data.world, split, sizes[split])
     if data.world_storage == "shards":
         directory = cached_shards(data.world, sizes, root)
-        return sources.ShardSource(records.shard_paths(directory, split), f"{directory}:{split}")
+        source = sources.ShardSource(records.shard_paths(directory, split), f"{directory}:{split}")
+        source.shuffle_group = shuffle_group(data.world)
+        return source
     raise ValueError(f"config.data.world_storage={data.world_storage!r}; use one of {', '.join(STORAGES)}")
 
 

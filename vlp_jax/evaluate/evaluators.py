@@ -3,6 +3,7 @@
 - retrieval: image↔text R@1/5/10 (retrieval.py); during training on the subset, at the end on the whole set;
 - unimodal: text→text (another caption of the same image) and image→image: within the set when it carries image
   groups (another style of the same content), else against re-rendered views of the world's scenes (unimodal.py);
+- twins: the world's hard-negative scene pairs (one shape, or the order, changed) told apart (world.py);
 - zeroshot: the embedded world's colour and shape tasks when the model trained on the world, and every labelled
   task of `config.eval.zeroshot.tasks` (zeroshot.py, labelled.py);
 - efficiency: the timed two-stream retrieval beside the estimated cross-encoder cost (efficiency.py);
@@ -115,6 +116,23 @@ class ZeroShotEvaluator(Evaluator):
                 + "".join(f", {value} skipped_{key}" for key, value in skipped.items()) + ")"
             )
         return Result(scalars, {"zeroshot": results}, lines)
+
+
+class TwinsEvaluator(Evaluator):
+    """The world's hard-negative twins told apart (world.twin_accuracy), when the eval set is the world's eval split
+    and holds twins; nothing otherwise."""
+
+    def __call__(self, evaluation: EvalPass) -> Result:
+        config, dataset = self.context.config, evaluation.dataset
+        if not world.is_world_eval_split(config, dataset):
+            return Result({}, {})
+        images, texts = evaluation.embeddings()
+        found = world.twin_accuracy(config.data.world, dataset, images, texts)
+        result = set_result(evaluation, "twins", found)
+        if found:
+            result.summary.append(f"{evaluation.name} twins (chance 50): " + "  ".join(
+                f"{key.removeprefix('twins_')} {value:.1f}" for key, value in found.items() if "pairs" not in key))
+        return result
 
 
 class EfficiencyEvaluator(Evaluator):

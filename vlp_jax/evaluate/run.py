@@ -27,6 +27,7 @@ from vlp_jax.evaluate.evaluators import (
     EfficiencyEvaluator,
     PictureEvaluator,
     RetrievalEvaluator,
+    TwinsEvaluator,
     UnimodalEvaluator,
     ZeroShotEvaluator,
 )
@@ -45,6 +46,7 @@ REGISTRY: dict[str, type[Evaluator]] = {
     "reconstruction": ReconstructionEvaluator,
     "rerank": RerankEvaluator,
     "downstream": DownstreamEvaluator,
+    "twins": TwinsEvaluator,
 }
 
 

@@ -116,3 +116,32 @@ def shifted_scene(
         for obj in scene.objects
     )
     return dataclasses.replace(scene, objects=objects)
+
+
+TWIN_KINDS = ("shape", "order")
+
+
+def twin_accuracy(world: ml_collections.ConfigDict, dataset: PairDataset, images: np.ndarray, texts: np.ndarray
+                  ) -> dict[str, float]:
+    """How often the model tells a scene from its hard-negative twin (synthetic.twin_pairs: one object's shape, or
+    the order, changed), Winoground-style, per kind of twin (percent; chance 50): `twins_<kind>_i2t`, each image's
+    captions scored above its twin's (every caption pair), and `twins_<kind>_t2i`, each caption's image scored above
+    the twin image; `twins_<kind>_pairs` counts the pairs. `dataset` is the world's eval split in order (images
+    [N, d] and texts [M, d] its embeddings); {} when its first N scenes hold no twins."""
+    pairs = synthetic.twin_pairs(world, "eval", len(dataset))
+    owners = np.asarray(dataset.caption_image)
+    found = {}
+    for kind in TWIN_KINDS:
+        i2t, t2i = [], []
+        for a, b, pair_kind in pairs:
+            if pair_kind != kind:
+                continue
+            for own, other in ((a, b), (b, a)):
+                own_caps, other_caps = texts[owners == own], texts[owners == other]
+                own_scores, other_scores = own_caps @ images[own], other_caps @ images[own]
+                i2t.append(np.mean(own_scores[:, None] > other_scores[None, :]))
+                t2i.extend(own_caps @ images[own] > own_caps @ images[other])
+        if i2t:
+            found |= {f"twins_{kind}_i2t": 100 * float(np.mean(i2t)), f"twins_{kind}_t2i": 100 * float(np.mean(t2i)),
+                      f"twins_{kind}_pairs": float(len(i2t) // 2)}
+    return found
