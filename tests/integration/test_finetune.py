@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from configs.finetune import rec, ve, vqa
+from configs.finetune import rec, retrieval, ve, vqa
 from tests.helpers import read_metrics
 from vlp_jax import checkpoint, train
 from vlp_jax.data import world_tasks
+from vlp_jax.evaluate import run
 
 
 def shrink(config, steps: int = 2):
@@ -28,14 +29,19 @@ def towers(params, prefix: str = "towers/") -> dict[str, np.ndarray]:
             if path.startswith(prefix) and "_tower/" in path}
 
 
-@pytest.mark.parametrize("name", ["clip", "cookie"])
-def test_frozen_towers_are_exactly_the_pretrained_ones(name, trained_runs, tmp_path):
+@pytest.mark.parametrize(("task", "name"), [("ve", "clip"), ("retrieval", "cookie")])
+def test_frozen_towers_are_exactly_the_pretrained_ones(task, name, trained_runs, tmp_path):
+    """VE from CLIP's `towers/`, retrieval from COOKIE's top-level towers (renamed); --mode=eval reproduces the
+    figures from the saved config."""
     _, run_dir, _, _ = trained_runs(name)
-    config = shrink(ve.get_config("tiny"))
+    config = shrink({"ve": ve, "retrieval": retrieval}[task].get_config("tiny"))
     config.init_from = str(run_dir)
     config.train.param_groups.backbone.frozen = True
+    key = "ve_accuracy" if task == "ve" else "mean_r1"
+    if task == "retrieval":
+        config.eval.evaluators = {"retrieval": config.eval.evaluators.retrieval}
     final = train.train_and_evaluate(config, str(tmp_path))
-    assert 0 <= final["ve_accuracy"] <= 100 and final["ve_chance"] >= 100 / 3
+    assert 0 <= final[key] <= 100
     tuned = checkpoint.load_params(tmp_path).tree
     pretrained = checkpoint.load_params(run_dir).tree
     expected = towers(pretrained, "towers/" if name == "clip" else "")
@@ -44,8 +50,11 @@ def test_frozen_towers_are_exactly_the_pretrained_ones(name, trained_runs, tmp_p
     for path, value in expected.items():
         np.testing.assert_array_equal(got[path if name == "clip" else f"towers/{path}"], value, err_msg=path)
     saved = json.loads((tmp_path / "eval" / "step_2.json").read_text())
-    assert saved["sets"]["embedded"]["downstream"]["ve_accuracy"] == final["ve_accuracy"]
-    assert any("eval/embedded/ve_accuracy" in record for record in read_metrics(tmp_path))
+    section = "downstream" if task == "ve" else "retrieval"
+    assert saved["sets"]["embedded"][section][key] == final[key]
+    assert any(f"eval/embedded/{key}" in record for record in read_metrics(tmp_path))
+    again = run.evaluate_checkpoint(config, str(tmp_path / "again"), str(tmp_path))
+    assert again[key] == final[key]
 
 
 def test_full_finetuning_moves_the_towers_and_scores_rec(trained_runs, tmp_path):
