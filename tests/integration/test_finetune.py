@@ -70,17 +70,25 @@ def test_full_finetuning_moves_the_towers_and_scores_rec(trained_runs, tmp_path)
     assert len(moved) == len(pretrained)
 
 
-def test_pretraining_then_vqa_as_one_command(tmp_path):
-    """`vqa.py:tiny,clip`: a CLIP stage trains into <workdir>/pretrain, then VQA fine-tunes its towers with its
-    tokenizer; the answers are the world's vocabulary."""
-    config = shrink(vqa.get_config("tiny,clip"))
+def test_pretraining_cmal_then_vqa_as_one_command(tmp_path):
+    """`vqa.py:tiny,cmal`: a CMAL stage trains into <workdir>/pretrain, then VQA fine-tunes its towers and its
+    unified encoder (held frozen here: it must be exactly CMAL's) with its tokenizer; the answers are the world's."""
+    config = shrink(vqa.get_config("tiny,cmal"))
     for tower in (config.model.image, config.model.text):  # the stage pre-trains these towers
         tower.update(dict(width=32, depth=1, heads=2, mlp_dim=64))
     config.model.embed_dim = 16
     config.finetune.pretrain_train = dict(steps=2, batch_size=16, warmup_steps=1, log_every=1)
+    config.train.param_groups.fusion = dict(pattern="unified/.*", frozen=True)
     final = train.train_and_evaluate(config, str(tmp_path))
     assert 0 <= final["vqa_score"] <= 100 and final["vqa_in_vocabulary"] == 100
     saved, _, _ = checkpoint.saved_run(tmp_path, "test")
-    assert saved.init_from == str(tmp_path / "pretrain") and saved.finetune.backbone == "clip"
+    assert saved.init_from == str(tmp_path / "pretrain") and saved.finetune.backbone == "cmal"
     assert tuple(saved.data.answers) == world_tasks.answer_vocabulary(config.data.world)
     assert saved.data.tokenizer.path == str(tmp_path / "pretrain" / "tokenizer.model")
+    tuned, pretrained = (checkpoint.load_params(path).tree for path in (tmp_path, tmp_path / "pretrain"))
+    got = {path: np.asarray(v) for path, v in checkpoint.leaves_by_path(tuned["unified"]).items()}
+    cmal = checkpoint.leaves_by_path(pretrained["unified"])
+    assert set(cmal) - set(got) == {f"{adapter}/{p}" for adapter in ("region_to_text", "text_to_region")
+                                    for p in ("bias", "kernel")}  # the swap adapters: pre-training only
+    for path, value in got.items():
+        np.testing.assert_array_equal(value, cmal[path], err_msg=path)

@@ -164,8 +164,9 @@ def test_finetune_configs_and_their_pretraining_stage():
 
 
 def test_each_pretraining_layout_loads_its_towers():
-    include, rename = finetune.tower_layout("cookie", "config.init_from=X")
+    include, exclude, rename = finetune.tower_layout("cookie", "config.init_from=X")
     assert include == (r"(image_tower|text_tower)/.*",) and rename == (r"^(image_tower|text_tower)/=towers/\1/",)
+    assert any("mask_embedding" in pattern for pattern in exclude)
     assert r"unified/.*" in finetune.tower_layout("cmal", "f")[0]
     assert any("projection" in p for p in finetune.tower_layout("clip", "f", projections=True)[0])
     assert not any("projection" in p for p in finetune.tower_layout("brivl", "f", projections=True)[0])

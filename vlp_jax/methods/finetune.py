@@ -49,18 +49,22 @@ _TOWER_LAYOUT = {
     "cmal": ((*_UNDER_TOWERS, r"unified/.*"), ()), "brivl": _AT_TOP, "cookie": _AT_TOP,
 }
 _PROJECTIONS = r"towers/(image_projection|text_projection)/.*"
+# Pre-training parts fine-tuning never runs: the towers' [MASK] embeddings (MLM, MVM) and CMAL's swap adapters.
+_NOT_LOADED = (r".*_tower/mask_embedding/.*", r"unified/(region_to_text|text_to_region)/.*")
 
 
-def tower_layout(method: str, flag: str, projections: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(include regexes, rename rules) that load a `method` run's towers into `towers/` (and CMAL's unified
-    encoder into `unified/`; with `projections`, the towers' projections where the run has plain ones)."""
+def tower_layout(method: str, flag: str, projections: bool = False
+                 ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(include regexes, exclude regexes, rename rules) that load a `method` run's towers into `towers/` (and
+    CMAL's unified encoder into `unified/`; with `projections`, the towers' projections where the run has plain
+    ones), leaving out the parts fine-tuning never runs."""
     if method not in _TOWER_LAYOUT:
         raise ValueError(f"{flag} is a {method!r} run; fine-tuning loads the towers of "
                          f"{', '.join(sorted(_TOWER_LAYOUT))} runs")
     include, rename = _TOWER_LAYOUT[method]
     if projections and include[0] == _UNDER_TOWERS[0]:
         include = (*include, _PROJECTIONS)
-    return include, rename
+    return include, _NOT_LOADED, rename
 
 
 def inherit_backbone(config: ml_collections.ConfigDict, projections: bool = False) -> ml_collections.ConfigDict:
@@ -71,15 +75,15 @@ def inherit_backbone(config: ml_collections.ConfigDict, projections: bool = Fals
         return config
     flag = "config.init_from"
     saved, _, _ = checkpoint.saved_run(config.init_from, f"--{flag}")
-    include, rename = tower_layout(saved.method.name, f"{flag}={config.init_from}", projections)
+    include, exclude, rename = tower_layout(saved.method.name, f"{flag}={config.init_from}", projections)
     config = config.copy_and_resolve_references()
     with config.unlocked():
         config.model = saved.model
         config.data.tokenizer = saved.data.tokenizer
         if saved.data.tokenizer.get("kind", "sentencepiece") == "sentencepiece" and not saved.data.tokenizer.path:
             config.data.tokenizer.path = str(checkpoint.absolute(config.init_from) / TOKENIZER_FILE)
-        if not config.init.include and not config.init.rename:
-            config.init.include, config.init.rename = include, rename
+        if not config.init.include and not config.init.exclude and not config.init.rename:
+            config.init.include, config.init.exclude, config.init.rename = include, exclude, rename
         config.finetune.backbone = saved.method.name
         if saved.method.name == "cmal":
             config.finetune.fusion = saved.method.unified
