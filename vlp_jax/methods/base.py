@@ -88,29 +88,41 @@ class Method:
         return image_text_example(config)
 
     # -- exact gradient accumulation (config.train.microbatches) -------------------------------------------------
-    # A method whose loss is a function of per-example embeddings (CLIP, SigLIP) implements `embed` and
-    # `embedding_loss`; `loss_and_grads` then computes the global batch's exact gradient one micro-batch of
-    # activations at a time.
+    # A method whose loss is a function of per-example embeddings (CLIP, SigLIP, BriVL) implements `embed` and
+    # `embedding_loss` (and `embed_constants` for per-example outputs without gradient, such as momentum keys);
+    # `loss_and_grads` then computes the global batch's exact gradient one micro-batch of activations at a time.
     def embed(self, params: PyTree, batch: Batch) -> dict[str, jax.Array]:
         """Per-example outputs [b, ...] of the trainable forward pass whose gradient `loss_and_grads` accumulates."""
         raise NotImplementedError
 
-    def embedding_loss(self, params: PyTree, embeddings: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
-        """(loss, metrics) of the whole global batch from `embed`'s outputs (and params such as a temperature)."""
+    def embed_constants(self, params: PyTree, extra: PyTree, batch: Batch, step: jax.Array) -> dict[str, jax.Array]:
+        """Per-example outputs [b, ...] the loss needs but never differentiates (e.g. momentum keys); none here."""
+        del params, extra, batch, step
+        return {}
+
+    def embedding_loss(self, params: PyTree, embeddings: dict[str, jax.Array], constants: dict[str, jax.Array],
+                       extra: PyTree, step: jax.Array) -> tuple[jax.Array, tuple[dict, PyTree]]:
+        """(loss, (metrics, new extra)) of the whole global batch from `embed`'s and `embed_constants`' outputs (and
+        params such as a temperature); the non-gradient state (EMA, queue, statistics) changes here, once a step."""
         raise NotImplementedError
 
+    @classmethod
+    def accumulates(cls) -> bool:
+        """Whether `loss` is `embedding_loss` of `embed` alone, so micro-batches give its exact gradient."""
+        return cls.embed is not Method.embed and cls.embedding_loss is not Method.embedding_loss
+
     def loss_and_grads(self, params, extra, batch, rng, step, microbatches: int = 1):
-        """((loss, (metrics, extra)), grads) of `loss`. With `microbatches` K > 1 (methods with `embed` and
-        `embedding_loss`): the batch is split into K interleaved micro-batches (each replica keeps its own rows);
-        all are embedded without keeping activations, the loss and its gradient w.r.t. the embeddings are taken over
-        the whole batch, then each micro-batch is run again and back-propagated with its slice of that gradient
-        (GradCache / open_clip's accum-freq). The gradient is the whole batch's, exactly; one micro-batch's
-        activations are live at a time."""
+        """((loss, (metrics, extra)), grads) of `loss`. With `microbatches` K > 1 (methods that `accumulates`): the
+        batch is split into K interleaved micro-batches (each replica keeps its own rows); all are embedded without
+        keeping activations, the loss and its gradient w.r.t. the embeddings are taken over the whole batch, then
+        each micro-batch is run again and back-propagated with its slice of that gradient (GradCache / open_clip's
+        accum-freq). The gradient is the whole batch's, exactly; one micro-batch's activations are live at a time;
+        the non-gradient state changes once."""
         if microbatches <= 1:
             return jax.value_and_grad(self.loss, has_aux=True)(params, extra, batch, rng, step)
-        if type(self).embed is Method.embed or type(self).embedding_loss is Method.embedding_loss:
+        if not self.accumulates():
             raise ValueError(f"config.train.microbatches={microbatches}: method {self.config.method.name!r} has no "
-                             "embed/embedding_loss split (only CLIP and SigLIP have one); set it to 1")
+                             "embed/embedding_loss split (CLIP, SigLIP and BriVL have one); set it to 1")
         size = jax.tree.leaves(batch)[0].shape[0]
         if size % microbatches:
             raise ValueError(f"config.train.microbatches={microbatches} does not divide the global batch {size}")
@@ -123,10 +135,12 @@ class Method:
 
         parts = jax.tree.map(split, batch)
         frozen = jax.lax.stop_gradient(params)
-        embedded = jax.lax.map(lambda part: self.embed(frozen, part), parts)
-        embeddings = jax.tree.map(merge, embedded)
-        (loss, metrics), (direct, cotangents) = jax.value_and_grad(self.embedding_loss, argnums=(0, 1),
-                                                                   has_aux=True)(params, embeddings)
+        embedded, constants = jax.lax.map(
+            lambda part: (self.embed(frozen, part), self.embed_constants(frozen, extra, part, step)), parts)
+        embeddings, constants = jax.tree.map(merge, embedded), jax.tree.map(merge, constants)
+        (loss, aux), (direct, cotangents) = jax.value_and_grad(
+            lambda p, e: self.embedding_loss(p, e, constants, extra, step), argnums=(0, 1), has_aux=True
+        )(params, embeddings)
         cotangents = jax.tree.map(split, cotangents)
 
         def accumulate(total, inputs):
@@ -135,7 +149,7 @@ class Method:
             return jax.tree.map(jnp.add, total, pull(cotangent)[0]), None
 
         grads, _ = jax.lax.scan(accumulate, direct, (parts, cotangents))
-        return (loss, (metrics, extra)), grads
+        return (loss, aux), grads
 
     @classmethod
     def encode_flops(cls, config: ml_collections.ConfigDict) -> dict[str, float]:

@@ -41,9 +41,8 @@ class ClipMethod(Method):
         return variables["params"], {}
 
     def loss(self, params, extra, batch, rng, step):
-        del rng, step  # CLIP is deterministic given the batch
-        loss, metrics = self.embedding_loss(params, self.embed(params, batch))
-        return loss, (metrics, extra)
+        del rng  # CLIP is deterministic given the batch
+        return self.embedding_loss(params, self.embed(params, batch), {}, extra, step)
 
     def embed(self, params, batch):
         out = self.model.apply({"params": params}, batch["image"], batch["text"])
@@ -52,11 +51,12 @@ class ClipMethod(Method):
     def logit_scale(self, params) -> jax.Array:
         return self.model.apply({"params": params}, method=lambda module: module.logit_scale())
 
-    def embedding_loss(self, params, embeddings):
+    def embedding_loss(self, params, embeddings, constants, extra, step):
+        del constants, step
         scale = self.logit_scale(params)
         loss, metrics = clip_loss(embeddings["image"], embeddings["text"], scale, self.mesh,
                                   chunk=self.config.train.get("contrastive_chunk", 0))
-        return loss, {**metrics, "temperature": 1.0 / scale}
+        return loss, ({**metrics, "temperature": 1.0 / scale}, extra)
 
     def encode(self, params, batch):
         embeddings = {}

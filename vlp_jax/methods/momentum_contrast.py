@@ -36,19 +36,51 @@ class MomentumContrastMethod(Method):
         return params, extra
 
     def loss(self, params, extra, batch, rng, step):
-        cfg = self.cfg
-        ema = momentum.ema_update(extra["ema"], self.tracked(params), cfg.momentum)
         image, image_aux = self.apply(params, "encode_image", batch["image"])
         text, text_aux = self.apply(params, "encode_text", batch["text"])
-        image_keys = jax.lax.stop_gradient(self.apply(ema, "encode_image", batch["image"])[0])
-        text_keys = jax.lax.stop_gradient(self.apply(ema, "encode_text", batch["text"])[0])
-        similarity = jnp.sum(image_keys * text_keys, axis=-1)  # momentum positive-pair similarity [B]
-        weights, filter_stats, metrics = momentum.adaptive_filter(extra["filter"], similarity, step, cfg.amf)
+        constants = self.embed_constants(params, extra, batch, step)
+        loss, (metrics, new_extra) = self.embedding_loss(params, {"image": image, "text": text}, constants, extra,
+                                                         step)
+        weights, _, _ = self.filter_weights(extra, constants, step)
+        extra_loss, extra_metrics = self.extra_terms(params, extra, batch, rng, weights, image_aux, text_aux)
+        metrics.update(extra_metrics)
+        if "noisy" in batch:
+            metrics.update(momentum.filter_quality(weights, batch["noisy"]))
+        return loss + extra_loss, (metrics, new_extra)
+
+    # -- exact accumulation (config.train.microbatches; methods without extra terms) -------------------------------
+    @classmethod
+    def accumulates(cls) -> bool:
+        return cls.extra_terms is MomentumContrastMethod.extra_terms
+
+    def embed(self, params, batch):
+        """The online queries."""
+        return {"image": self.apply(params, "encode_image", batch["image"])[0],
+                "text": self.apply(params, "encode_text", batch["text"])[0]}
+
+    def embed_constants(self, params, extra, batch, step):
+        """The momentum keys, from the EMA encoders updated with this step's parameters (θ' ← m·θ' + (1 − m)·θ)."""
+        del step
+        ema = momentum.ema_update(extra["ema"], self.tracked(params), self.cfg.momentum)
+        return {"image_keys": jax.lax.stop_gradient(self.apply(ema, "encode_image", batch["image"])[0]),
+                "text_keys": jax.lax.stop_gradient(self.apply(ema, "encode_text", batch["text"])[0])}
+
+    def filter_weights(self, extra, constants, step):
+        """The adaptive momentum filter's per-pair weights from the keys' positive similarities: (weights, new
+        statistics, metrics)."""
+        similarity = jnp.sum(constants["image_keys"] * constants["text_keys"], axis=-1)  # [B]
+        return momentum.adaptive_filter(extra["filter"], similarity, step, self.cfg.amf)
+
+    def embedding_loss(self, params, embeddings, constants, extra, step):
+        """The instance-level term over the global batch (and queue), with the AMF weights; the EMA, the filter's
+        statistics and the queue advance here."""
+        cfg = self.cfg
+        weights, filter_stats, metrics = self.filter_weights(extra, constants, step)
         queue = extra.get("queue")
         logit_scale = self.apply(params, "logit_scale")
         out = contrastive_loss(
-            image, text, logit_scale, self.mesh, keys_a=image_keys, keys_b=text_keys,
-            queue=None if queue is None else momentum.as_pairs(queue),
+            embeddings["image"], embeddings["text"], logit_scale, self.mesh, keys_a=constants["image_keys"],
+            keys_b=constants["text_keys"], queue=None if queue is None else momentum.as_pairs(queue),
             weights=weights, in_batch_negatives=cfg.in_batch_negatives,
             with_kl=cfg.kl_weight > 0, kl_symmetric=cfg.kl_symmetric,
         )
@@ -57,14 +89,10 @@ class MomentumContrastMethod(Method):
         if cfg.kl_weight > 0:
             loss += cfg.kl_weight * out["kl"]
             metrics["kl_loss"] = out["kl"]
-        extra_loss, extra_metrics = self.extra_terms(params, extra, batch, rng, weights, image_aux, text_aux)
-        loss += extra_loss
-        metrics.update(extra_metrics)
-        if "noisy" in batch:
-            metrics.update(momentum.filter_quality(weights, batch["noisy"]))
+        ema = momentum.ema_update(extra["ema"], self.tracked(jax.lax.stop_gradient(params)), cfg.momentum)
         new_extra = {**extra, "ema": ema, "filter": filter_stats}
         if queue is not None:
-            new_extra["queue"] = momentum.enqueue(queue, image_keys, text_keys, weights > 0)
+            new_extra["queue"] = momentum.enqueue(queue, constants["image_keys"], constants["text_keys"], weights > 0)
         return loss, (metrics, new_extra)
 
     def encode(self, params, batch):

@@ -36,10 +36,11 @@ class SiglipMethod(ClipMethod):
         params["bias"] = self.bias.init(rng)["params"]
         return params, {}
 
-    def embedding_loss(self, params, embeddings):
+    def embedding_loss(self, params, embeddings, constants, extra, step):
+        del constants, step
         scale = self.logit_scale(params)
         bias = self.bias.apply({"params": params["bias"]})
         result = sigmoid_loss(embeddings["image"], embeddings["text"], scale, bias, self.mesh,
                               chunk=self.config.train.get("contrastive_chunk", 0))
-        return result["loss"], {"sigmoid_loss": result["loss"], "i2t_accuracy": result["accuracy"],
-                                "logit_scale": scale, "bias": jnp.asarray(bias)}
+        return result["loss"], ({"sigmoid_loss": result["loss"], "i2t_accuracy": result["accuracy"],
+                                 "logit_scale": scale, "bias": jnp.asarray(bias)}, extra)
