@@ -172,3 +172,27 @@ def test_each_pretraining_layout_loads_its_towers():
     assert not any("projection" in p for p in finetune.tower_layout("brivl", "f", projections=True)[0])
     with pytest.raises(ValueError, match="config.init_from=X is a 'vq' run"):
         finetune.tower_layout("vq", "config.init_from=X")
+
+
+@pytest.mark.parametrize("task", ["ve", "rec"])
+def test_only_rec_reads_the_boxes(task):
+    """VE and VQA fuse the patch tokens whatever boxes the batch holds (training batches carry the world's boxes,
+    evaluation passes none), REC scores exactly the given boxes."""
+    import jax
+    import jax.numpy as jnp
+
+    config = {"ve": ve, "rec": rec}[task].get_config("tiny")
+    config.finetune.fusion.update(dict(width=32, depth=1, heads=2, mlp_dim=64))
+    model = finetune.FinetuneModel(config.model, config.finetune, task, 3)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.integers(0, 256, (2, 32, 32, 3)), jnp.uint8)
+    query = jnp.asarray(rng.integers(4, 100, (2, config.model.text.max_len)), jnp.int32)
+    boxes = jnp.asarray(np.sort(rng.random((2, 8, 4)), axis=-1)[..., [0, 1, 2, 3]], jnp.float32)
+    with_boxes, without = jnp.ones((2, 8), bool), jnp.zeros((2, 8), bool)
+    params = model.init(jax.random.PRNGKey(0), images, query, boxes, with_boxes)
+    a = model.apply(params, images, query, boxes, with_boxes)
+    b = model.apply(params, images, query, boxes, without)
+    if task == "ve":
+        np.testing.assert_array_equal(a, b)
+    else:
+        assert np.isfinite(np.asarray(a)).all() and np.isneginf(np.asarray(b)).all()

@@ -143,6 +143,8 @@ class FinetuneModel(nn.Module):
         _, image_aux = self.towers.encode_image(images)
         _, text_aux = self.towers.encode_text(query)
         patches = image_aux["tokens"][:, 1:] if self.model.image.pool == "cls" else image_aux["tokens"]
+        if self.task != tasks.REC:  # VE and VQA see the patches (real VE/VQA records have no boxes), never boxes
+            box_mask = jnp.zeros_like(box_mask)
         found = regions(patches, boxes, box_mask, self.finetune.region_samples, patch_fallback=True)
         hidden = self.unified(text_aux["tokens"], text_aux["mask"], found["features"], found["boxes"], found["mask"])
         if self.task == tasks.REC:
