@@ -81,7 +81,7 @@ def test_a_registered_method_gets_its_declared_feature_and_evaluator(toy_run):
     report = json.loads((workdir / train.EVAL_DIR / "step_10.json").read_text())
     spread = report["sets"]["embedded"]["spread"]
     assert spread["images"] == 64 and -1.0 <= spread["mean_cosine"] < 1.0
-    assert set(report["sets"]["embedded"]) == {"retrieval", "unimodal", "efficiency", "spread"}  # added, not replaced
+    assert set(report["sets"]["embedded"]) == {"retrieval", "unimodal", "twins", "efficiency", "spread"}  # added
     assert final == report["sets"]["embedded"]["retrieval"]
 
 

@@ -42,14 +42,15 @@ def test_first_images_keeps_their_captions_and_groups():
 
 def test_trained_tiny_model_is_well_above_chance_zero_shot_and_unimodal(report):
     # Measured after 30 steps: single-object colour 66% top-1 (chance 12.5%), leftmost colour 33% (often another
-    # object's colour); shapes stay at chance (20%) at this training length and are not asserted. Unimodal R@1:
-    # text→text 81%, image→image 77% against 64 eval images (chance 1.6%; untrained towers reach about 40%
-    # image→image on pixel overlap alone, hence the higher bar).
+    # object's colour); shapes stay at chance (20%) at this training length and are not asserted. Unimodal R@1
+    # against 64 eval images (chance 1.6%; untrained towers reach about 40% image→image on pixel overlap alone,
+    # hence the higher bar): text→text 81%, image→image 77% in the world without hard negatives; with its twins
+    # (scenes one shape or the order apart, whose captions differ in one word) text→text 56%, image→image 75%.
     zeroshot, unimodal = report["zeroshot"], report["sets"]["embedded"]["unimodal"]
     assert set(zeroshot) == {"single_object_colour", "single_object_shape", "leftmost_colour", "leftmost_shape"}
     assert zeroshot["single_object_colour"]["top1"] >= 4 * zeroshot["single_object_colour"]["chance_top1"]
     assert zeroshot["leftmost_colour"]["top1"] >= 2 * zeroshot["leftmost_colour"]["chance_top1"]
-    assert unimodal["t2t_r1"] >= 60 and unimodal["i2i_r1"] >= 60
+    assert unimodal["t2t_r1"] >= 45 and unimodal["i2i_r1"] >= 60
     assert all(unimodal[f"{d}_r1"] <= unimodal[f"{d}_r5"] <= unimodal[f"{d}_r10"] for d in ("t2t", "i2i"))
 
 
