@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from configs.finetune import common as finetune_configs
-from configs.finetune import rec, ve
+from configs.finetune import rec, ve, vqa
 from vlp_jax.data import examples, tasks, tokenizer, transforms
 from vlp_jax.data.records import ImageTextRecord, Located
 from vlp_jax.data.skips import Skipped
@@ -196,3 +196,24 @@ def test_only_rec_reads_the_boxes(task):
         np.testing.assert_array_equal(a, b)
     else:
         assert np.isfinite(np.asarray(a)).all() and np.isneginf(np.asarray(b)).all()
+
+
+def test_vqa_answers_of_real_data_are_the_most_frequent_normalised_training_answers(tmp_path):
+    from vlp_jax.data import records as record_io
+
+    items = [  # per record: VQA items (answers as annotators gave them)
+        [{"question": "what colour", "answers": ["Red", "red", "blue"]}],
+        [{"question": "how many", "answers": ["two", "2", "3"]}, {"question": "bad", "answers": []}],
+        [{"question": "what colour", "answers": ["the red", "green"]}],
+    ]
+    shards = [ImageTextRecord(id=str(i), image=png(), captions=["q"], labels={"vqa": v}) for i, v in enumerate(items)]
+    record_io.write_records(shards, tmp_path, "train", records_per_shard=8)
+    config = vqa.get_config("tiny")
+    config.data.train_sources = str(tmp_path)
+    config.finetune.max_answers = 2
+    # each item counts an answer once: red in 2 items, then blue, 2, 3, green once each (first appearance wins ties)
+    assert finetune.answer_vocabulary(config) == ("red", "blue")
+    config.finetune.max_answers = 10
+    assert finetune.answer_vocabulary(config) == ("red", "blue", "2", "3", "green")
+    config.data.train_sources = "synthetic"
+    assert "yes" in finetune.answer_vocabulary(config)
