@@ -111,7 +111,7 @@ def answer_vocabulary(config: ml_collections.ConfigDict) -> tuple[str, ...]:
             boxes = 0 if record.boxes is None else len(record.boxes)
             for entry in tasks.valid_items(tasks.VQA, (record.labels or {}).get(tasks.VQA, []), boxes)[0]:
                 # each answer once per item, in the item's order (a set's order changes between processes)
-                counts.update(dict.fromkeys(tasks.normalise_answer(answer) for answer in entry["answers"]))
+                counts.update(list(dict.fromkeys(tasks.normalise_answer(answer) for answer in entry["answers"])))
     if not counts:
         raise ValueError(f"config.data.train_sources={config.data.train_sources} holds no VQA answers "
                          "(labels['vqa']); convert VQA data with `python -m vlp_jax.datasets.convert --format=vqa`")
