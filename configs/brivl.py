@@ -3,12 +3,12 @@
 Usage: python -m vlp_jax.main --config=configs/brivl.py:tiny
 Variants: tiny | small | base | large (negatives = the all-gathered momentum keys of the global batch), and
 `paper`: the base towers with the paper's queue of 9,600 paired keys, MoCo logits (positive + queue only),
-τ = 0.07 and m = 0.99.
+τ = 0.07 and m = 0.99; `emoji`: the tiny towers on `make data-emoji`'s shards, as configs/clip.py:emoji.
 """
 
 import ml_collections
 
-from configs import common
+from configs import clip, common
 
 # Head transformer depth/heads/MLP width and the hidden width of the 2-layer MLP, per size. BriVL's released code
 # uses 4 layers and 4 heads and a 2048-wide output MLP; tiny keeps one layer so it trains in minutes on a CPU.
@@ -43,8 +43,8 @@ def method_config(size: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = common.parse_variant(arg, extra=("paper",))
-    size = "base" if variant == "paper" else variant
+    variant = common.parse_variant(arg, extra=("paper", "emoji"))
+    size = {"paper": "base", "emoji": "tiny"}.get(variant, variant)
     config = common.base_config(size)
     config.method = method_config(size)
     if variant == "paper":
@@ -52,4 +52,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.method.in_batch_negatives = False
         config.train.batch_size = PAPER_BATCH
         config.eval.batch_size = PAPER_BATCH
+    if variant == "emoji":
+        clip.use_emoji_data(config)  # the same data, split, towers and budget as configs/clip.py:emoji
     return config

@@ -222,6 +222,10 @@ def base_config(size: str) -> ml_collections.ConfigDict:
             # Retrieval tiles: query rows × gallery rows scored at once (memory per tile); see evaluate/retrieval.py.
             query_chunk=_EVAL[size]["query_chunk"],
             gallery_chunk=_EVAL[size]["gallery_chunk"],
+            # Every rank's tie rule (evaluate/retrieval.py): "against" (a negative scoring exactly as high as the
+            # best positive ranks ahead of it) or "favour" (only strictly higher ones do: open_clip's bench harness
+            # rule, for side-by-side figures; the two differ where different images share a caption text).
+            ties="against",
             # The full evaluation (end of run, --mode=eval) reads at most this many images per set and zero-shot
             # task: 0 = all; -1 = a short run's cap, the images it trained on (steps × batch, at least 64).
             max_examples=-1,

@@ -4,12 +4,13 @@ adaptive momentum filter.
 Usage: python -m vlp_jax.main --config=configs/cots.py:tiny --workdir=DIR
 Without `method.mvm.tokenizer`, the run first trains a visual tokenizer (configs/vq.py) into DIR/tokenizer: the
 `tokenizer` stage declared here (vlp_jax/stages.py).
-Variants: tiny | small | base (default; ViT-B/16, the paper scale) | large.
+Variants: tiny | small | base (default; ViT-B/16, the paper scale) | large | emoji (the tiny towers on
+`make data-emoji`'s shards, as configs/clip.py:emoji).
 """
 
 import ml_collections
 
-from configs import brivl, common
+from configs import brivl, clip, common
 
 # Visual-tokenizer codebook per size (BEiT's dVAE uses 8192 codes at 224 px); tiny's 4×4 grid needs few.
 _CODEBOOK = {"tiny": 256, "small": 8192, "base": 8192, "large": 8192}
@@ -18,7 +19,8 @@ _AMF_WARMUP = {"tiny": 100, "small": 2_000, "base": 5_000, "large": 10_000}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    size = common.parse_variant(arg)
+    variant = common.parse_variant(arg, extra=("emoji",))
+    size = "tiny" if variant == "emoji" else variant
     config = common.base_config(size)
     method = brivl.method_config(size)
     del method["head"]  # COTS projects each tower's pooled feature; no BriVL token-pooling head
@@ -51,4 +53,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.stages.tokenizer = ml_collections.ConfigDict(
         dict(config="configs.vq:for_cots", output="method.mvm.tokenizer", description="visual tokenizer")
     )
+    if variant == "emoji":
+        clip.use_emoji_data(config)  # the same data, split, towers and budget as configs/clip.py:emoji
     return config

@@ -61,9 +61,11 @@ def normalised(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def reference_ranks(queries: np.ndarray, gallery: np.ndarray, is_positive: np.ndarray) -> np.ndarray:
+def reference_ranks(queries: np.ndarray, gallery: np.ndarray, is_positive: np.ndarray,
+                    ties: str = "against") -> np.ndarray:
     """Brute-force retrieval ranks for the evaluation tests: one full sort per query, float64 scores of the
-    float32 embeddings; among equal scores negatives come first (ties count against the model).
+    float32 embeddings; among equal scores negatives come first (ties count against the model), or last with
+    ties="favour".
 
     queries [Q, D], gallery [G, D], is_positive bool [Q, G]; returns the 1-based rank of each query's best positive.
     """
@@ -71,6 +73,7 @@ def reference_ranks(queries: np.ndarray, gallery: np.ndarray, is_positive: np.nd
     ranks = []
     for query, positive in zip(queries, is_positive, strict=True):
         scores = gallery @ query  # [G]
-        order = np.lexsort((positive, -scores))  # by score descending, then negatives before positives
+        # By score descending, then negatives before positives (or after them, ties in the model's favour).
+        order = np.lexsort((~positive if ties == "favour" else positive, -scores))
         ranks.append(1 + np.flatnonzero(positive[order])[0])
     return np.array(ranks)

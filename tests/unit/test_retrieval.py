@@ -16,11 +16,11 @@ def mesh8():
     return parallel.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1)))
 
 
-def reference_metrics(image_emb, text_emb, text_to_image, image_groups=None):
+def reference_metrics(image_emb, text_emb, text_to_image, image_groups=None, ties="against"):
     labels = np.arange(len(image_emb)) if image_groups is None else np.asarray(image_groups)
     is_positive = labels[None, text_to_image] == labels[:, None]  # [N, M]: caption of the image's group
-    i2t = reference_ranks(image_emb, text_emb, is_positive)
-    t2i = reference_ranks(text_emb, image_emb, is_positive.T)
+    i2t = reference_ranks(image_emb, text_emb, is_positive, ties)
+    t2i = reference_ranks(text_emb, image_emb, is_positive.T, ties)
     metrics = {f"i2t_r{k}": 100.0 * np.mean(i2t <= k) for k in (1, 5, 10)}
     metrics |= {f"t2i_r{k}": 100.0 * np.mean(t2i <= k) for k in (1, 5, 10)}
     metrics["mean_r1"] = (metrics["i2t_r1"] + metrics["t2i_r1"]) / 2
@@ -72,8 +72,9 @@ def test_image_groups_count_every_image_and_caption_of_the_group(mesh8):
     assert got["i2t_r1"] > plain["i2t_r1"] and got["t2i_r1"] > plain["t2i_r1"]  # more right answers per query
 
 
+@pytest.mark.parametrize("ties", retrieval.TIES)
 @pytest.mark.parametrize("groups", [False, True])
-def test_matches_reference_with_deliberate_ties(groups, mesh8):
+def test_matches_reference_with_deliberate_ties(groups, ties, mesh8):
     # Small integer embeddings make every dot product exact, and duplicated rows tie with each other.
     rng = np.random.default_rng(7)
     text_to_image = random_captions(rng, num_images=30, max_captions=4)
@@ -82,9 +83,12 @@ def test_matches_reference_with_deliberate_ties(groups, mesh8):
     text_emb = image_emb[text_to_image] + rng.integers(-1, 2, size=(len(text_to_image), 3))
     text_emb[1::2] = text_emb[0::2][: len(text_emb) // 2]
     image_groups = rng.integers(0, 12, size=30) if groups else None
-    for scorer in (retrieval.Scorer(), retrieval.Scorer(mesh8, query_chunk=5, gallery_chunk=7)):
+    want = reference_metrics(image_emb, text_emb, text_to_image, image_groups, ties)
+    for scorer in (retrieval.Scorer(ties=ties), retrieval.Scorer(mesh8, query_chunk=5, gallery_chunk=7, ties=ties)):
         got = retrieval.retrieval_metrics(image_emb, text_emb, text_to_image, image_groups=image_groups, scorer=scorer)
-        assert_metrics_equal(got, reference_metrics(image_emb, text_emb, text_to_image, image_groups))
+        assert_metrics_equal(got, want)
+    other = reference_metrics(image_emb, text_emb, text_to_image, image_groups, "favour" if ties == "against" else "against")
+    assert other != want  # the case holds ties that the two rules rank differently
 
 
 def test_hand_built_case_counts_ties_pessimistically():
@@ -106,6 +110,14 @@ def test_hand_built_case_counts_ties_pessimistically():
     # Put images 0 and 1 in one group: caption 1 now finds its group (image 1) first, image 1 finds caption 1.
     grouped = retrieval.retrieval_metrics(image_emb, text_emb, text_to_image, image_groups=np.array([0, 0, 1]))
     assert grouped["i2t_r1"] == 100.0 and grouped["t2i_r1"] == 80.0
+    # Ties in the model's favour (open_clip's bench harness rule): t2i ranks [1, 2, 1, 1, 1].
+    favour = retrieval.retrieval_metrics(image_emb, text_emb, text_to_image, scorer=retrieval.Scorer(ties="favour"))
+    assert favour["t2i_r1"] == 80.0 and favour["i2t_r1"] == pytest.approx(200 / 3)
+
+
+def test_unknown_tie_rule_names_the_flag():
+    with pytest.raises(ValueError, match=r"config.eval.ties='optimistic'.*'against', 'favour'"):
+        retrieval.Scorer(ties="optimistic")
 
 
 def test_collapsed_embeddings_score_chance_not_perfect():

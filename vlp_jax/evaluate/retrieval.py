@@ -12,7 +12,10 @@ Three additions, which reduce to it in the plain case:
   styles), so an image→text hit is any caption of any image of the group and a text→image hit any image of it;
 - ties count against the model: every negative scoring at least as high as the best positive ranks ahead of it
   (CLIP_benchmark leaves ties to torch.topk's order), so a collapsed model that scores everything equally gets
-  chance-level recall, not 100%. The two agree whenever scores are distinct.
+  chance-level recall, not 100%. The two agree whenever scores are distinct. `Scorer(ties="favour")`
+  (config.eval.ties) counts only strictly higher negatives instead, the rule of open_clip's bench harness
+  (../shared/bench-openclip/openclip_train_quality.py), for side-by-side figures under one rule: identical caption
+  texts of different images score exactly alike, so on sets with repeated captions the two rules differ.
 
 Memory: the [queries, gallery] score matrix is never materialised. Queries and gallery are sorted by label; for
 each block of `query_chunk` queries, a first sweep over the few gallery chunks that hold its positives finds each
@@ -48,6 +51,7 @@ DEFAULT_GALLERY_CHUNK = 4096
 _GALLERY_PAD = -1  # label of the rows padding the last gallery chunk: neither a positive nor a negative
 _QUERY_PAD = -2  # label of the rows padding the last query block: matches nothing, its results are dropped
 _MAX_LABEL = np.iinfo(np.int32).max  # labels travel to the device as int32
+TIES = ("against", "favour")  # a negative scoring exactly as high as the best positive: ranks ahead of it, or not
 
 
 class Scorer:
@@ -63,7 +67,11 @@ class Scorer:
         mesh: Mesh | None = None,
         query_chunk: int = DEFAULT_QUERY_CHUNK,
         gallery_chunk: int = DEFAULT_GALLERY_CHUNK,
+        ties: str = "against",
     ):
+        if ties not in TIES:
+            raise ValueError(f"config.eval.ties={ties!r}: use one of {', '.join(map(repr, TIES))}")
+        self.ties = ties
         for name, value in (("query_chunk", query_chunk), ("gallery_chunk", gallery_chunk)):
             if value < 1:
                 raise ValueError(f"config.eval.{name}={value} must be at least 1 (rows per retrieval tile)")
@@ -77,7 +85,7 @@ class Scorer:
         # replicated. (Many tiles are in flight at once; collectives in them can deadlock XLA's CPU runtime.)
         rows, full = self._rows, self._replicated
         self._rank_tile = jax.jit(
-            _rank_tile, in_shardings=(rows, rows, full, full, rows, rows), out_shardings=(rows, rows)
+            functools.partial(_rank_tile, strict=ties == "favour"), in_shardings=(rows, rows, full, full, rows, rows), out_shardings=(rows, rows)
         )
         self._top_k_tile = functools.cache(  # one compiled tile per k
             lambda k: jax.jit(
@@ -90,7 +98,7 @@ class Scorer:
     def ranks(
         self, queries: np.ndarray, gallery: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray
     ) -> np.ndarray:
-        """1-based rank of each query's best positive (a gallery item with the query's label); ties pessimistic.
+        """1-based rank of each query's best positive (a gallery item with the query's label); ties as `self.ties`.
 
         queries [Q, D], gallery [G, D], labels int >= 0: query_labels [Q], gallery_labels [G]. Every query needs a
         positive. Returns int64 [Q].
@@ -192,7 +200,7 @@ class Scorer:
 
 def scorer_from_config(eval_config: ml_collections.ConfigDict, mesh: Mesh) -> Scorer:
     """The Scorer that `config.eval` describes."""
-    return Scorer(mesh, eval_config.query_chunk, eval_config.gallery_chunk)
+    return Scorer(mesh, eval_config.query_chunk, eval_config.gallery_chunk, eval_config.get("ties", "against"))
 
 
 def single_device_mesh() -> Mesh:
@@ -253,8 +261,9 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _rank_tile(query, query_labels, gallery, gallery_labels, best, ahead):
-    """One tile: (best positive score so far, negatives at or above `best` so far) of each query row.
+def _rank_tile(query, query_labels, gallery, gallery_labels, best, ahead, *, strict=False):
+    """One tile: (best positive score so far, negatives at or above `best` so far) of each query row; with
+    `strict`, negatives strictly above it (ties in the positive's favour).
 
     query [b, D], gallery [c, D], labels int32 [b] / [c], best float32 [b], ahead int32 [b].
     """
@@ -262,7 +271,8 @@ def _rank_tile(query, query_labels, gallery, gallery_labels, best, ahead):
     positive = query_labels[:, None] == gallery_labels[None, :]
     new_best = jnp.maximum(best, jnp.max(jnp.where(positive, scores, -jnp.inf), axis=1))
     negative_scores = jnp.where(positive | (gallery_labels == _GALLERY_PAD)[None, :], -jnp.inf, scores)
-    new_ahead = ahead + jnp.sum(negative_scores >= best[:, None], axis=1, dtype=jnp.int32)
+    above = negative_scores > best[:, None] if strict else negative_scores >= best[:, None]
+    new_ahead = ahead + jnp.sum(above, axis=1, dtype=jnp.int32)
     return new_best, new_ahead
 
 
