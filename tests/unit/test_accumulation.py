@@ -8,9 +8,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import brivl, clip, cookie, siglip
+from configs import brivl, clip, cookie, cots, siglip
 from tests.helpers import small_towers
-from vlp_jax import methods, parallel
+from vlp_jax import methods, parallel, step
 from vlp_jax.checkpoint import leaves_by_path
 
 
@@ -27,16 +27,18 @@ def batch_of(config, size):
     return {"image": rng.integers(0, 256, (size, pixels, pixels, 3), dtype=np.uint8), "text": text}
 
 
-def loss_and_grads(config, mesh, microbatches, size=32, with_extra=False):
-    method = methods.build(config, mesh)
+def loss_and_grads(config, mesh, microbatches, size=32, with_extra=False, pretrained=None, noisy=False):
+    method = methods.build(config, mesh, pretrained)
     batch = batch_of(config, size)
+    if noisy:  # ground-truth noise flags (noisy shards): scored against the momentum filter, never in the loss
+        batch["noisy"] = np.arange(size) % 4 == 0
     params, extra = nn.meta.unbox(jax.jit(method.init)(jax.random.PRNGKey(0), batch))
     with parallel.mesh_context(mesh):
         sharded = parallel.global_batch_from_local(batch, mesh)
-        step = jax.jit(lambda p, b: method.loss_and_grads(p, extra, b, jax.random.PRNGKey(0), jnp.int32(3),
-                                                          microbatches))
-        (loss, (metrics, new_extra)), grads = step(params, sharded)
-        memory = step.lower(params, sharded).compile().memory_analysis().temp_size_in_bytes
+        fn = jax.jit(lambda p, b: method.loss_and_grads(p, extra, b, jax.random.PRNGKey(0), jnp.int32(3),
+                                                        microbatches))
+        (loss, (metrics, new_extra)), grads = fn(params, sharded)
+        memory = fn.lower(params, sharded).compile().memory_analysis().temp_size_in_bytes
     if with_extra:
         return float(loss), metrics, leaves_by_path(grads), leaves_by_path(new_extra)
     return float(loss), metrics, leaves_by_path(grads), memory
@@ -57,26 +59,48 @@ def test_accumulated_gradient_equals_the_whole_batch_gradient(name, shape, micro
     assert any(np.abs(value).max() > 0 for value in whole.values())
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)])
-def test_brivl_accumulates_exactly_and_advances_its_state_once(shape):
-    """BriVL with a paired queue and the adaptive filter on: K = 2 and 8 micro-batches give the whole batch's loss,
-    metrics and gradient, and the same EMA, filter statistics and queue after the step."""
-    config = small_towers(brivl.get_config("tiny"), queue_size=64)
-    config.method.amf.update(dict(enabled=True, warmup_steps=1))  # the filter acts at step 3
+def assert_accumulates_exactly(config, shape, pretrained=None, noisy=False):
+    """K = 2 and 8 micro-batches give the whole batch's loss, metrics and gradient, and the same EMA, filter
+    statistics and queue after the step."""
     mesh = mesh_of(shape)
-    whole_loss, whole_metrics, whole, whole_extra = loss_and_grads(config, mesh, 1, with_extra=True)
+    run = dict(with_extra=True, pretrained=pretrained, noisy=noisy)
+    whole_loss, whole_metrics, whole, whole_extra = loss_and_grads(config, mesh, 1, **run)
     assert any(np.abs(value).max() > 0 for value in whole.values())
     for microbatches in (2, 8):
-        loss, metrics, grads, extra = loss_and_grads(config, mesh, microbatches, with_extra=True)
+        loss, metrics, grads, extra = loss_and_grads(config, mesh, microbatches, **run)
         np.testing.assert_allclose(loss, whole_loss, rtol=1e-6)
+        assert sorted(metrics) == sorted(whole_metrics)
         for key, value in whole_metrics.items():  # (the filter's statistics are means of keys: float32 rounding)
             np.testing.assert_allclose(metrics[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
+        assert sorted(grads) == sorted(whole)
         for path, value in whole.items():
             np.testing.assert_allclose(grads[path], value, rtol=1e-4, atol=1e-5, err_msg=path)
         assert sorted(extra) == sorted(whole_extra)
         for path, value in whole_extra.items():
             # keys of micro-batch shapes: XLA sums their matmuls in another order (float32 rounding, ~4e-7)
             np.testing.assert_allclose(extra[path], value, rtol=1e-5, atol=1e-6, err_msg=path)
+    return whole_metrics
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)])
+def test_brivl_accumulates_exactly_and_advances_its_state_once(shape):
+    """BriVL with a paired queue and the adaptive filter on."""
+    config = small_towers(brivl.get_config("tiny"), queue_size=64)
+    config.method.amf.update(dict(enabled=True, warmup_steps=1))  # the filter acts at step 3
+    assert_accumulates_exactly(config, shape)
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)])
+def test_cots_accumulates_its_token_level_terms_exactly(shape):
+    """COTS with MLM, MVM, KL, the queue and the filter: the masks are drawn once for the global batch and each
+    term is normalised by the global count of predicted positions, so micro-batches add up to the whole batch."""
+    config = small_towers(cots.get_config("tiny"), queue_size=64)
+    config.method.mvm.tokenizer = "random"
+    config.method.amf.warmup_steps = 1
+    pretrained = step.load_pretrained(config, mesh_of((1, 1, 1)))  # {"tokenizer": an untrained VQ run}
+    metrics = assert_accumulates_exactly(config, shape, pretrained, noisy=True)
+    assert {"mlm_loss", "mvm_loss", "kl_loss", "amf/precision"} <= set(metrics)
+    assert metrics["mvm_loss"] > 0 and metrics["mlm_loss"] > 0
 
 
 def test_accumulation_holds_one_micro_batch_of_activations():
@@ -92,5 +116,4 @@ def test_methods_without_the_split_and_bad_counts_are_refused():
     mesh = mesh_of((1, 1, 1))
     with pytest.raises(ValueError, match="microbatches=2: method 'cookie' has no embed/embedding_loss split"):
         loss_and_grads(small_towers(cookie.get_config("tiny")), mesh, 2, size=8)
-    # COTS's MLM and MVM terms are not accumulated yet: refused like COOKIE; its instance term alone would be BriVL's
-    assert not methods.get("cots").accumulates() and methods.get("brivl").accumulates()
+    assert all(methods.get(name).accumulates() for name in ("clip", "siglip", "brivl", "cots"))

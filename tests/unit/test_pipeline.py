@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import clip
 from tests.helpers import tiny_config
 from vlp_jax.data import examples, loader, pipeline, records, sources, synthetic, tokenizer, train_stream, transforms
 from vlp_jax.data.records import ImageTextRecord
@@ -594,3 +595,16 @@ def test_a_tfds_classification_set_without_captions_is_a_zero_shot_task_with_its
     assert task.class_names == tuple(colours) and not skipped
     assert sorted(task.labels.tolist()) == sorted(i % 3 for i in range(9))
     assert task.images.shape == (9, config.model.image.image_size, config.model.image.image_size, 3)
+
+
+def test_training_on_the_world_alone_takes_whole_image_crops():
+    config = clip.get_config("tiny")  # the real-data crop: 0.8-1 of the area, aspect 0.9-1.1
+    assert tuple(config.data.image.crop_scale) == (0.8, 1.0)
+    whole = pipeline.train_image_options(config)
+    assert (whole.crop_scale, whole.crop_ratio) == ((1.0, 1.0), (1.0, 1.0))
+    config.data.train_sources = "synthetic,/data/mine@0.5"  # any real source: the configured crop
+    mixed = pipeline.train_image_options(config)
+    assert (mixed.crop_scale, mixed.crop_ratio) == ((0.8, 1.0), (0.9, 1.1))
+    config.data.train_sources = "synthetic"
+    config.data.image.world_whole_image = False
+    assert pipeline.train_image_options(config).crop_scale == (0.8, 1.0)

@@ -87,7 +87,8 @@ def test_matches_reference_with_deliberate_ties(groups, ties, mesh8):
     for scorer in (retrieval.Scorer(ties=ties), retrieval.Scorer(mesh8, query_chunk=5, gallery_chunk=7, ties=ties)):
         got = retrieval.retrieval_metrics(image_emb, text_emb, text_to_image, image_groups=image_groups, scorer=scorer)
         assert_metrics_equal(got, want)
-    other = reference_metrics(image_emb, text_emb, text_to_image, image_groups, "favour" if ties == "against" else "against")
+    other_rule = "favour" if ties == "against" else "against"
+    other = reference_metrics(image_emb, text_emb, text_to_image, image_groups, other_rule)
     assert other != want  # the case holds ties that the two rules rank differently
 
 

@@ -52,6 +52,25 @@ def open_sources(config: ml_collections.ConfigDict, split: str, workdir: epath.P
     return parts, [spec.weight for spec in specs]
 
 
+def world_only(config: ml_collections.ConfigDict, split: str = "train") -> bool:
+    """Whether every source of `config.data.<split>_sources` is the embedded world."""
+    specs = sources.parse_specs(config.data[f"{split}_sources"], split, f"config.data.{split}_sources")
+    return all(spec.location == sources.SYNTHETIC for spec in specs)
+
+
+def train_image_options(config: ml_collections.ConfigDict) -> transforms.ImageOptions:
+    """The training images' options: `config.data.image`, except that training on the embedded world alone takes
+    whole-image crops when `config.data.image.world_whole_image` (the world's own recipe: its scenes are drawn at
+    the model's size and its captions name positions and counts, which a crop would make false)."""
+    image = transforms.ImageOptions.from_config(config.data.image, config.model.image.image_size)
+    if config.data.image.get("world_whole_image", True) and world_only(config) and (
+            image.crop_scale != (1.0, 1.0) or image.crop_ratio != (1.0, 1.0)):
+        logging.info("the embedded world: whole-image crops (config.data.image.crop_scale=%s is for real data; "
+                     "config.data.image.world_whole_image=False crops the world too)", image.crop_scale)
+        image = dataclasses.replace(image, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+    return image
+
+
 def check_paths(config: ml_collections.ConfigDict) -> None:
     """Fails in an instant, before anything is compiled or rendered, when a data source or the tokenizer named in
     `config.data` does not exist (FileNotFoundError naming the flag). Only existence: shards are opened later."""
@@ -103,7 +122,7 @@ def load(
     features = examples.check_features(features)  # before any data is read
     train_parts, weights = open_sources(config, "train", workdir)
     tokenizer = load_tokenizer(config, workdir, train_parts)
-    image = transforms.ImageOptions.from_config(config.data.image, config.model.image.image_size)
+    image = train_image_options(config)
     options = LoaderOptions.from_config(config.data.loader)
     noisy = any(examples.carries_noisy_flag(part) for part in train_parts)
     prepare = examples.TrainExamples(image, tokenizer, config.model.text.max_len, noisy, features,

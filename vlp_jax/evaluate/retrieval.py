@@ -85,7 +85,8 @@ class Scorer:
         # replicated. (Many tiles are in flight at once; collectives in them can deadlock XLA's CPU runtime.)
         rows, full = self._rows, self._replicated
         self._rank_tile = jax.jit(
-            functools.partial(_rank_tile, strict=ties == "favour"), in_shardings=(rows, rows, full, full, rows, rows), out_shardings=(rows, rows)
+            functools.partial(_rank_tile, strict=ties == "favour"),
+            in_shardings=(rows, rows, full, full, rows, rows), out_shardings=(rows, rows),
         )
         self._top_k_tile = functools.cache(  # one compiled tile per k
             lambda k: jax.jit(

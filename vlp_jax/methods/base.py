@@ -88,9 +88,10 @@ class Method:
         return image_text_example(config)
 
     # -- exact gradient accumulation (config.train.microbatches) -------------------------------------------------
-    # A method whose loss is a function of per-example embeddings (CLIP, SigLIP, BriVL) implements `embed` and
-    # `embedding_loss` (and `embed_constants` for per-example outputs without gradient, such as momentum keys);
-    # `loss_and_grads` then computes the global batch's exact gradient one micro-batch of activations at a time.
+    # A method whose loss is a function of per-example embeddings (CLIP, SigLIP, BriVL, COTS) implements `embed` and
+    # `embedding_loss` (and `embed_constants` for per-example outputs without gradient, such as momentum keys), and
+    # per-example terms (COTS's MLM and MVM) as `example_inputs` + `example_terms`; `loss` is then this default
+    # and `loss_and_grads` computes the global batch's exact gradient one micro-batch of activations at a time.
     def embed(self, params: PyTree, batch: Batch) -> dict[str, jax.Array]:
         """Per-example outputs [b, ...] of the trainable forward pass whose gradient `loss_and_grads` accumulates."""
         raise NotImplementedError
@@ -106,23 +107,49 @@ class Method:
         params such as a temperature); the non-gradient state (EMA, queue, statistics) changes here, once a step."""
         raise NotImplementedError
 
+    def example_inputs(self, extra: PyTree, batch: Batch, constants: dict[str, jax.Array], rng: jax.Array,
+                       step: jax.Array) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        """What `example_terms` needs, drawn or computed once for the whole global batch without gradient:
+        per-example arrays [B, ...] (masks, pair weights, targets) and global scalars (the terms' normalisers, so a
+        term never divides by the size of the micro-batch it sees). None here."""
+        del extra, batch, constants, rng, step
+        return {}, {}
+
+    def example_terms(self, params: PyTree, extra: PyTree, batch: Batch, embeddings: dict[str, jax.Array],
+                      inputs: dict[str, jax.Array], totals: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
+        """(loss, metrics) of per-example terms for the rows of `batch`, with their `embed` outputs and `inputs`
+        rows. Additive: the terms of a partition of the batch sum to the whole batch's (what makes them accumulate
+        exactly), so normalise by `totals`. None here."""
+        del params, extra, batch, embeddings, inputs, totals
+        return jnp.float32(0.0), {}
+
     @classmethod
     def accumulates(cls) -> bool:
-        """Whether `loss` is `embedding_loss` of `embed` alone, so micro-batches give its exact gradient."""
+        """Whether `loss` is `embedding_loss` of `embed` plus `example_terms`, so micro-batches give its exact
+        gradient."""
         return cls.embed is not Method.embed and cls.embedding_loss is not Method.embedding_loss
+
+    def split_loss(self, params, extra, batch, rng, step):
+        """`loss` of a method with the embed/embedding_loss split, on the whole batch at once."""
+        embeddings = self.embed(params, batch)
+        constants = self.embed_constants(params, extra, batch, step)
+        loss, (metrics, new_extra) = self.embedding_loss(params, embeddings, constants, extra, step)
+        inputs, totals = self.example_inputs(extra, batch, constants, rng, step)
+        terms, term_metrics = self.example_terms(params, extra, batch, embeddings, inputs, totals)
+        return loss + terms, ({**metrics, **term_metrics}, new_extra)
 
     def loss_and_grads(self, params, extra, batch, rng, step, microbatches: int = 1):
         """((loss, (metrics, extra)), grads) of `loss`. With `microbatches` K > 1 (methods that `accumulates`): the
         batch is split into K interleaved micro-batches (each replica keeps its own rows); all are embedded without
         keeping activations, the loss and its gradient w.r.t. the embeddings are taken over the whole batch, then
-        each micro-batch is run again and back-propagated with its slice of that gradient (GradCache / open_clip's
-        accum-freq). The gradient is the whole batch's, exactly; one micro-batch's activations are live at a time;
-        the non-gradient state changes once."""
+        each micro-batch is run again and back-propagated with its slice of that gradient plus its per-example
+        terms (GradCache / open_clip's accum-freq). The gradient is the whole batch's, exactly; one micro-batch's
+        activations are live at a time; the non-gradient state changes once."""
         if microbatches <= 1:
             return jax.value_and_grad(self.loss, has_aux=True)(params, extra, batch, rng, step)
         if not self.accumulates():
             raise ValueError(f"config.train.microbatches={microbatches}: method {self.config.method.name!r} has no "
-                             "embed/embedding_loss split (CLIP, SigLIP and BriVL have one); set it to 1")
+                             "embed/embedding_loss split (CLIP, SigLIP, BriVL and COTS have one); set it to 1")
         size = jax.tree.leaves(batch)[0].shape[0]
         if size % microbatches:
             raise ValueError(f"config.train.microbatches={microbatches} does not divide the global batch {size}")
@@ -138,18 +165,27 @@ class Method:
         embedded, constants = jax.lax.map(
             lambda part: (self.embed(frozen, part), self.embed_constants(frozen, extra, part, step)), parts)
         embeddings, constants = jax.tree.map(merge, embedded), jax.tree.map(merge, constants)
-        (loss, aux), (direct, cotangents) = jax.value_and_grad(
+        (loss, (metrics, new_extra)), (direct, cotangents) = jax.value_and_grad(
             lambda p, e: self.embedding_loss(p, e, constants, extra, step), argnums=(0, 1), has_aux=True
         )(params, embeddings)
-        cotangents = jax.tree.map(split, cotangents)
+        inputs, totals = self.example_inputs(extra, batch, constants, rng, step)
 
-        def accumulate(total, inputs):
-            part, cotangent = inputs
-            _, pull = jax.vjp(lambda p: self.embed(p, part), params)
-            return jax.tree.map(jnp.add, total, pull(cotangent)[0]), None
+        def accumulate(total, xs):
+            part, part_inputs, cotangent = xs
 
-        grads, _ = jax.lax.scan(accumulate, direct, (parts, cotangents))
-        return (loss, aux), grads
+            def forward(p):
+                part_embeddings = self.embed(p, part)
+                terms, term_metrics = self.example_terms(p, extra, part, part_embeddings, part_inputs, totals)
+                return (part_embeddings, jnp.asarray(terms, jnp.float32)), term_metrics
+
+            (_, terms), pull, term_metrics = jax.vjp(forward, params, has_aux=True)
+            grads = pull((cotangent, jnp.ones_like(terms)))[0]
+            return jax.tree.map(jnp.add, total, grads), (terms, term_metrics)
+
+        grads, (terms, term_metrics) = jax.lax.scan(
+            accumulate, direct, (parts, jax.tree.map(split, inputs), jax.tree.map(split, cotangents)))
+        metrics = {**metrics, **jax.tree.map(lambda x: x.sum(0), term_metrics)}
+        return (loss + terms.sum(), (metrics, new_extra)), grads
 
     @classmethod
     def encode_flops(cls, config: ml_collections.ConfigDict) -> dict[str, float]:
@@ -184,8 +220,11 @@ class Method:
     def loss(
         self, params: PyTree, extra: PyTree, batch: Batch, rng: jax.Array, step: jax.Array
     ) -> tuple[jax.Array, tuple[dict[str, jax.Array], PyTree]]:
-        """Returns (scalar loss, (metrics, new_extra)); runs inside the jitted train step."""
-        raise NotImplementedError
+        """Returns (scalar loss, (metrics, new_extra)); runs inside the jitted train step. By default the loss of a
+        method with the embed/embedding_loss split (`split_loss`)."""
+        if not self.accumulates():
+            raise NotImplementedError(f"{type(self).__name__} implements neither loss nor embed/embedding_loss")
+        return self.split_loss(params, extra, batch, rng, step)
 
     def encode(self, params: PyTree, batch: Batch) -> dict[str, jax.Array]:
         """L2-normalised embeddings for evaluation: {"image": [b, d]} and/or {"text": [b, d]}."""

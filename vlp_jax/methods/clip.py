@@ -40,10 +40,6 @@ class ClipMethod(Method):
         variables = self.model.init(rng, batch["image"], batch["text"])
         return variables["params"], {}
 
-    def loss(self, params, extra, batch, rng, step):
-        del rng  # CLIP is deterministic given the batch
-        return self.embedding_loss(params, self.embed(params, batch), {}, extra, step)
-
     def embed(self, params, batch):
         out = self.model.apply({"params": params}, batch["image"], batch["text"])
         return {"image": out["image"], "text": out["text"]}

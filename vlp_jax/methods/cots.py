@@ -111,35 +111,72 @@ class CotsMethod(MomentumContrastMethod):
         params, extra = super().init(rng, batch)
         return params, {**extra, "tokenizer": jax.tree.map(jnp.asarray, self.tokenizer)}
 
-    def extra_terms(self, params, extra, batch, rng, weights, image_aux, text_aux):
+    # -- the token level: per-example terms (Method.example_inputs / example_terms), so COTS accumulates exactly ----
+    def embed(self, params, batch):
+        """The online queries and the towers' pooled features (the other stream's context for MLM and MVM)."""
+        image, image_aux = self.apply(params, "encode_image", batch["image"])
+        text, text_aux = self.apply(params, "encode_text", batch["text"])
+        return {"image": image, "text": text, "image_pooled": image_aux["pooled"], "text_pooled": text_aux["pooled"]}
+
+    def embed_constants(self, params, extra, batch, step):
+        """The momentum keys and, for MVM, the frozen tokenizer's code of every patch."""
+        constants = super().embed_constants(params, extra, batch, step)
+        if self.cfg.mvm.weight > 0:
+            constants["codes"] = jax.lax.stop_gradient(
+                vq.image_codes(self.vq_config, extra["tokenizer"], batch["image"]))
+        return constants
+
+    def example_inputs(self, extra, batch, constants, rng, step):
+        """The AMF pair weights, the MLM and MVM masks drawn for the whole global batch, the patch codes; the
+        weighted counts of predicted positions normalise each term."""
         cfg = self.cfg
+        weights, _, _ = self.filter_weights(extra, constants, step)
         mlm_rng, mvm_rng = jax.random.split(jax.random.fold_in(rng, 1))
-        metrics, loss = {}, 0.0
+        inputs, totals = {"weights": weights}, {}
         if cfg.mlm.weight > 0:
-            inputs, embed_mask, predict = mlm_mask(mlm_rng, batch["text"], cfg.mlm,
-                                                   self.config.model.text.vocab_size)
-            _, masked = self.apply(params, "encode_text", inputs, embed_mask)
-            logits = self.apply(params, "predict_words", masked["tokens"], image_aux["pooled"])
-            mlm_loss, mlm_acc = _masked_cross_entropy(logits, batch["text"], predict, weights)
+            tokens, embed_mask, predict = mlm_mask(mlm_rng, batch["text"], cfg.mlm, self.config.model.text.vocab_size)
+            inputs.update(mlm_tokens=tokens, mlm_embed_mask=embed_mask, mlm_predict=predict)
+            totals["mlm"] = _weighted_count(predict, weights)
+        if cfg.mvm.weight > 0:
+            patch_mask = block_mask(mvm_rng, batch["image"].shape[0], self.grid, cfg.mvm)
+            inputs.update(mvm_mask=patch_mask, codes=constants["codes"])
+            totals.update(mvm=_weighted_count(patch_mask, weights), patches=jnp.float32(patch_mask.size))
+        return inputs, totals
+
+    def example_terms(self, params, extra, batch, embeddings, inputs, totals):
+        """MLM (the masked caption fused with its image's pooled feature) and MVM (the masked patches fused with
+        the caption's pooled feature), each a weighted sum over predicted positions divided by the global count."""
+        cfg, weights = self.cfg, inputs["weights"]
+        metrics, loss = {}, jnp.float32(0.0)
+        if cfg.mlm.weight > 0:
+            _, masked = self.apply(params, "encode_text", inputs["mlm_tokens"], inputs["mlm_embed_mask"])
+            logits = self.apply(params, "predict_words", masked["tokens"], embeddings["image_pooled"])
+            mlm_loss, mlm_acc = _masked_cross_entropy(logits, batch["text"], inputs["mlm_predict"], weights,
+                                                      totals["mlm"])
             loss += cfg.mlm.weight * mlm_loss
             metrics.update({"mlm_loss": mlm_loss, "mlm_accuracy": mlm_acc})
         if cfg.mvm.weight > 0:
-            patch_mask = block_mask(mvm_rng, batch["image"].shape[0], self.grid, cfg.mvm)
-            codes = jax.lax.stop_gradient(vq.image_codes(self.vq_config, extra["tokenizer"], batch["image"]))
+            patch_mask = inputs["mvm_mask"]
             _, masked = self.apply(params, "encode_image", batch["image"], patch_mask)
             patches = masked["tokens"][:, -patch_mask.shape[1]:]
-            logits = self.apply(params, "predict_codes", patches, text_aux["pooled"])
-            mvm_loss, mvm_acc = _masked_cross_entropy(logits, codes, patch_mask, weights)
+            logits = self.apply(params, "predict_codes", patches, embeddings["text_pooled"])
+            mvm_loss, mvm_acc = _masked_cross_entropy(logits, inputs["codes"], patch_mask, weights, totals["mvm"])
             loss += cfg.mvm.weight * mvm_loss
-            metrics.update({"mvm_loss": mvm_loss, "mvm_accuracy": mvm_acc, "mvm_masked_fraction": patch_mask.mean()})
+            metrics.update({"mvm_loss": mvm_loss, "mvm_accuracy": mvm_acc,
+                            "mvm_masked_fraction": patch_mask.sum() / totals["patches"]})
         return loss, metrics
 
 
-def _masked_cross_entropy(logits, targets, positions, weights) -> tuple[jax.Array, jax.Array]:
-    """Mean cross-entropy over the predicted positions, each row weighted (AMF); and the top-1 accuracy."""
+def _weighted_count(positions, weights) -> jax.Array:
+    """The number of predicted positions, each row weighted (AMF); at least 1 (a term's normaliser)."""
+    return jnp.maximum((positions.astype(jnp.float32) * weights[:, None]).sum(), 1.0)
+
+
+def _masked_cross_entropy(logits, targets, positions, weights, total) -> tuple[jax.Array, jax.Array]:
+    """Cross-entropy summed over the predicted positions, each row weighted (AMF), divided by the global batch's
+    `total`; and the top-1 accuracy likewise (both add up over micro-batches)."""
     per_token = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [b, t]
     counted = positions.astype(jnp.float32) * weights[:, None]
-    total = jnp.maximum(counted.sum(), 1.0)
     accuracy = ((jnp.argmax(logits, -1) == targets) * counted).sum() / total
     return (per_token * counted).sum() / total, accuracy
 

@@ -17,7 +17,8 @@ from vlp_jax.objectives.contrastive import contrastive_loss
 
 class MomentumContrastMethod(Method):
     """Subclasses override `build_model` (a flax model with encode_image, encode_text and logit_scale),
-    `online_only` (top-level parameter groups the EMA does not track), `init_inputs` and `extra_terms`."""
+    `online_only` (top-level parameter groups the EMA does not track), `init_inputs`, and the Method protocol's
+    `example_inputs` / `example_terms` for terms beyond the instance level."""
 
     online_only: tuple[str, ...] = ("temperature",)
 
@@ -35,24 +36,7 @@ class MomentumContrastMethod(Method):
             extra["queue"] = momentum.init_queue(self.cfg.queue_size, self.config.model.embed_dim)
         return params, extra
 
-    def loss(self, params, extra, batch, rng, step):
-        image, image_aux = self.apply(params, "encode_image", batch["image"])
-        text, text_aux = self.apply(params, "encode_text", batch["text"])
-        constants = self.embed_constants(params, extra, batch, step)
-        loss, (metrics, new_extra) = self.embedding_loss(params, {"image": image, "text": text}, constants, extra,
-                                                         step)
-        weights, _, _ = self.filter_weights(extra, constants, step)
-        extra_loss, extra_metrics = self.extra_terms(params, extra, batch, rng, weights, image_aux, text_aux)
-        metrics.update(extra_metrics)
-        if "noisy" in batch:
-            metrics.update(momentum.filter_quality(weights, batch["noisy"]))
-        return loss + extra_loss, (metrics, new_extra)
-
-    # -- exact accumulation (config.train.microbatches; methods without extra terms) -------------------------------
-    @classmethod
-    def accumulates(cls) -> bool:
-        return cls.extra_terms is MomentumContrastMethod.extra_terms
-
+    # -- the loss: Method.split_loss (embed, embed_constants, embedding_loss, example terms) -------------------------
     def embed(self, params, batch):
         """The online queries."""
         return {"image": self.apply(params, "encode_image", batch["image"])[0],
@@ -62,8 +46,11 @@ class MomentumContrastMethod(Method):
         """The momentum keys, from the EMA encoders updated with this step's parameters (θ' ← m·θ' + (1 − m)·θ)."""
         del step
         ema = momentum.ema_update(extra["ema"], self.tracked(params), self.cfg.momentum)
-        return {"image_keys": jax.lax.stop_gradient(self.apply(ema, "encode_image", batch["image"])[0]),
-                "text_keys": jax.lax.stop_gradient(self.apply(ema, "encode_text", batch["text"])[0])}
+        constants = {"image_keys": jax.lax.stop_gradient(self.apply(ema, "encode_image", batch["image"])[0]),
+                     "text_keys": jax.lax.stop_gradient(self.apply(ema, "encode_text", batch["text"])[0])}
+        if "noisy" in batch:  # ground-truth noise flags: scored against the filter, never used by the loss
+            constants["noisy"] = batch["noisy"]
+        return constants
 
     def filter_weights(self, extra, constants, step):
         """The adaptive momentum filter's per-pair weights from the keys' positive similarities: (weights, new
@@ -86,6 +73,8 @@ class MomentumContrastMethod(Method):
         )
         loss = out["loss"]
         metrics.update(instance_loss=out["loss"], i2t_accuracy=out["accuracy"], temperature=1.0 / logit_scale)
+        if "noisy" in constants:
+            metrics.update(momentum.filter_quality(weights, constants["noisy"]))
         if cfg.kl_weight > 0:
             loss += cfg.kl_weight * out["kl"]
             metrics["kl_loss"] = out["kl"]
@@ -111,11 +100,6 @@ class MomentumContrastMethod(Method):
     def init_inputs(self, batch: Batch) -> tuple:
         """Arguments of the model's __call__ that create every parameter."""
         return batch["image"], batch["text"]
-
-    def extra_terms(self, params, extra, batch, rng, weights, image_aux, text_aux):
-        """Loss terms beyond the instance level: (weighted loss to add, metrics). None by default."""
-        del params, extra, batch, rng, weights, image_aux, text_aux
-        return 0.0, {}
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def tracked(self, params: PyTree) -> PyTree:
