@@ -1,5 +1,6 @@
 """Benchmarks: `python -m vlp_jax.bench --config=configs/clip.py:tiny` (the train step),
-`python -m vlp_jax.bench data` (the input pipeline) and `python -m vlp_jax.bench retrieval` (evaluation memory).
+`python -m vlp_jax.bench data` (the input pipeline), `python -m vlp_jax.bench retrieval` (evaluation memory) and
+`python -m vlp_jax.bench capacity` (the largest exact batch that fits a memory budget).
 
 The step benchmark runs the real jitted train step on random inputs of the config's shapes (no dataset needed),
 so its figures are the model's and the sharding's alone: compile time, step time, pairs/s, MFU, peak memory.
@@ -15,6 +16,11 @@ The retrieval benchmark (vlp_jax/evaluate/benchmark.py) scores exact image↔tex
 --retrieval_images random unit embeddings against --retrieval_texts captions, with the config's tiles
 (config.eval.query_chunk × gallery_chunk) and mesh, and prints its time and the process's peak RSS beside the
 size of the score matrix it never builds. Its config defaults to configs/clip.py:tiny.
+
+The capacity benchmark (vlp_jax/capacity.py) compiles the train step, without running it, for growing global
+batches on the config's mesh and prints the largest that fits --capacity_budget_gib per device, whole, with the
+chunked loss, with micro-batches and with both. Its config defaults to configs/clip.py:base; for the devices of a
+pod on a CPU, fake them: XLA_FLAGS=--xla_force_host_platform_device_count=8.
 """
 
 import resource
@@ -25,7 +31,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from vlp_jax import cli, methods, parallel, stages, step
+from vlp_jax import capacity, cli, methods, parallel, stages, step
 from vlp_jax.data import benchmark as benchmark_data
 from vlp_jax.evaluate import benchmark as benchmark_retrieval
 from vlp_jax.flops import mfu
@@ -45,11 +51,18 @@ flags.DEFINE_integer("retrieval_images", 200_000, "retrieval: images (image→te
 flags.DEFINE_integer("retrieval_texts", 1_000_000, "retrieval: captions, spread evenly over the images.")
 flags.DEFINE_integer("retrieval_dim", 0, "retrieval: embedding dimension; 0 = the config's model.embed_dim.")
 flags.DEFINE_float("retrieval_noise", 1.0, "retrieval: std of the noise added to an image's embedding per caption.")
+flags.DEFINE_float("capacity_budget_gib", 80.0, "capacity: device memory per device, GiB.")
+flags.DEFINE_integer("capacity_chunk", 256, "capacity: column block of the chunked variants.")
+flags.DEFINE_integer("capacity_micro_rows", 64, "capacity: rows per replica of one micro-batch.")
+flags.DEFINE_integer("capacity_max_batch", 1 << 20, "capacity: the largest global batch tried.")
+flags.DEFINE_list("capacity_variants", list(capacity.VARIANTS), "capacity: the variants to search.")
 FLAGS = flags.FLAGS
 DATA_COMMAND = "data"
 DATA_DEFAULT_CONFIG = "configs/clip.py:base"
 RETRIEVAL_COMMAND = "retrieval"
 RETRIEVAL_DEFAULT_CONFIG = "configs/clip.py:tiny"
+CAPACITY_COMMAND = "capacity"
+CAPACITY_DEFAULT_CONFIG = "configs/clip.py:base"
 
 
 def benchmark(config, steps: int, warmup: int) -> dict[str, float | None]:
@@ -98,6 +111,16 @@ def data_benchmark(config) -> None:
         print(line)
 
 
+def print_capacity_benchmark(config) -> None:
+    budget = int(FLAGS.capacity_budget_gib * 2**30)
+    results = []
+    for variant in FLAGS.capacity_variants:
+        results.append(capacity.largest_batch(config, variant, budget, chunk=FLAGS.capacity_chunk,
+                                              micro_rows=FLAGS.capacity_micro_rows, max_batch=FLAGS.capacity_max_batch))
+        print(f"{variant}: largest {results[-1].largest:,}", flush=True)
+    print(capacity.format_table(results, budget))
+
+
 def print_retrieval_benchmark(config) -> None:
     dim = FLAGS.retrieval_dim or config.model.embed_dim
     images, texts = FLAGS.retrieval_images, FLAGS.retrieval_texts
@@ -122,9 +145,13 @@ def main(argv):
     if argv[1:] == [RETRIEVAL_COMMAND]:
         print_retrieval_benchmark(FLAGS.config)
         return
+    if argv[1:] == [CAPACITY_COMMAND]:
+        print_capacity_benchmark(FLAGS.config)
+        return
     if len(argv) > 1:
         raise app.UsageError(
-            f"Unexpected arguments: {' '.join(argv[1:])}; the commands are '{DATA_COMMAND}' and '{RETRIEVAL_COMMAND}'"
+            f"Unexpected arguments: {' '.join(argv[1:])}; the commands are '{DATA_COMMAND}', '{RETRIEVAL_COMMAND}' "
+            f"and '{CAPACITY_COMMAND}'"
         )
     config = FLAGS.config
     for spec in methods.get(config.method.name).pretrained(config).values():
@@ -150,7 +177,8 @@ def main(argv):
 
 def parse_flags(argv: list[str]) -> list[str]:
     """`data` without --config benchmarks the 224 px preset, `retrieval` the tiny one."""
-    defaults = {DATA_COMMAND: DATA_DEFAULT_CONFIG, RETRIEVAL_COMMAND: RETRIEVAL_DEFAULT_CONFIG}
+    defaults = {DATA_COMMAND: DATA_DEFAULT_CONFIG, RETRIEVAL_COMMAND: RETRIEVAL_DEFAULT_CONFIG,
+                CAPACITY_COMMAND: CAPACITY_DEFAULT_CONFIG}
     command = next((arg for arg in argv[1:] if arg in defaults), None)
     if command and not any(arg.startswith("--config") for arg in argv):
         argv = [*argv, f"--config={defaults[command]}"]
