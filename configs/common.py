@@ -215,9 +215,12 @@ def base_config(size: str) -> ml_collections.ConfigDict:
             # online log-sum-exp, each block recomputed in the backward pass: memory O(b_local × chunk) instead of
             # O(b_local × B), the same loss (objectives/contrastive.py). 0 = the whole [b_local, B] logits at once.
             contrastive_chunk=0,
+            # True: the contrastive keys travel round the ring of replicas (ppermute, one hop each) instead of being
+            # all-gathered (objectives/contrastive.py, sigmoid.py): the same loss; CLIP, SigLIP and COOKIE.
+            contrastive_ring=False,
             # K > 1: the global batch's exact gradient with one micro-batch (B / K examples) of activations live at
             # a time (Method.loss_and_grads: embed all without activations, loss over the whole batch, re-run each
-            # micro-batch with its embedding gradient). CLIP and SigLIP; others refuse.
+            # micro-batch with its embedding gradient). CLIP, SigLIP, BriVL and COTS; others refuse.
             microbatches=1,
             # Parameter groups by name, each dict(pattern=REGEX, frozen=False, lr_multiplier=1.0, weight_decay=-1.0):
             # the first group (in order) whose pattern fullmatches a parameter's '/'-joined path

@@ -10,6 +10,7 @@ import math
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -114,6 +115,27 @@ def global_batch_from_local(local_batch: dict[str, np.ndarray], mesh: Mesh) -> d
 def gather_batch(x: jax.Array) -> jax.Array:
     """Inside shard_map: concatenates every replica's rows along axis 0 (the backward pass reduce-scatters)."""
     return jax.lax.all_gather(x, BATCH_AXES, axis=0, tiled=True)
+
+
+def ring_over_batch(rows: jax.Array, visit, carry):
+    """Inside shard_map: `carry = visit(carry, block, first_row)` for every replica's `rows` [b, ...] in turn, this
+    replica's own first, where `first_row` is the block's first row in the gathered batch (`gather_batch` order).
+    Instead of gathering them, the blocks travel round the ring of the batch axes with `ppermute`, one hop per
+    replica: a replica holds its own block and one visitor, never the whole batch (the backward pass sends the
+    blocks' gradients back the other way round the ring)."""
+    replicas = jax.lax.axis_size(BATCH_AXES)
+    me, local = replica_index(), rows.shape[0]
+    forward = [(i, (i + 1) % replicas) for i in range(replicas)]
+
+    def first_row(h):  # after h hops a replica holds replica (me - h)'s rows
+        return ((me - h) % replicas) * local
+
+    def hop(state, h):
+        carry, block = state
+        return (visit(carry, block, first_row(h)), jax.lax.ppermute(block, BATCH_AXES, forward)), None
+
+    (carry, block), _ = jax.lax.scan(hop, (carry, rows), jnp.arange(replicas - 1))
+    return visit(carry, block, first_row(replicas - 1))
 
 
 def replica_index() -> jax.Array:

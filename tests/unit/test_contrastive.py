@@ -52,10 +52,12 @@ def test_accuracy_counts_matching_pairs():
     assert float(metrics["i2t_accuracy"]) == pytest.approx(14 / 16)
 
 
-@pytest.mark.parametrize("shape, chunk", [((1, 1, 1), 5), ((2, 2, 2), 7), ((2, 2, 2), 64)])
-def test_the_blocked_loss_equals_the_whole_logits_loss(shape, chunk):
-    """contrastive_chunk: column blocks (5 and 7 do not divide 32: a padded last block) with an online
-    log-sum-exp give the reference loss, gradients and accuracy, sharded or not."""
+@pytest.mark.parametrize("shape, chunk, ring", [((1, 1, 1), 5, False), ((2, 2, 2), 7, False), ((2, 2, 2), 64, False),
+                                               ((8, 1, 1), 0, True), ((2, 2, 2), 3, True)])
+def test_the_blocked_loss_equals_the_whole_logits_loss(shape, chunk, ring):
+    """contrastive_chunk: column blocks (5, 7 and 3 do not divide the 32 or the 4 rows: a padded last block) with an
+    online log-sum-exp give the reference loss, gradients and accuracy, sharded or not; contrastive_ring: the keys
+    pass round the replicas instead of being gathered, whole or in blocks."""
     rng = np.random.default_rng(1)
     image, text = unit_rows(rng, (32, 16)), unit_rows(rng, (32, 16))
     text[3] = image[3]  # a few certain matches, so the accuracy is not trivially 0
@@ -67,7 +69,7 @@ def test_the_blocked_loss_equals_the_whole_logits_loss(shape, chunk):
     image_s, text_s = jax.device_put(image, sharding), jax.device_put(text, sharding)
 
     def blocked(i, t, s):
-        return clip_loss(i, t, s, mesh, chunk=chunk)
+        return clip_loss(i, t, s, mesh, chunk=chunk, ring=ring)
 
     (loss, metrics), grads = jax.jit(jax.value_and_grad(blocked, argnums=(0, 1, 2), has_aux=True))(
         image_s, text_s, scale)
@@ -100,5 +102,55 @@ def test_the_blocked_loss_refuses_what_it_does_not_cover():
     from vlp_jax.objectives.contrastive import contrastive_loss
 
     rows = jnp.ones((4, 8)) / jnp.sqrt(8.0)
-    with pytest.raises(ValueError, match="contrastive_chunk=2: .*in-batch negatives only.*set it to 0"):
+    with pytest.raises(ValueError, match="contrastive_chunk=2: .*in-batch negatives only.*leave it off"):
         contrastive_loss(rows, rows, jnp.float32(1.0), mesh, with_kl=True, chunk=2)
+    with pytest.raises(ValueError, match="contrastive_ring=True: .*not a queue"):
+        queue = {"a": rows, "b": rows, "valid": jnp.ones(4, bool)}
+        contrastive_loss(rows, rows, jnp.float32(1.0), mesh, queue=queue, ring=True)
+
+
+def test_the_ring_never_holds_the_gathered_logits():
+    """XLA's memory estimate of loss + gradient for 4,096 pairs over 8 devices (512 rows each): the ring keeps
+    one visiting block's [512, 512] logits live per hop, not the [512, 4,096] of the gathered keys."""
+    mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=8, fsdp=1, model=1)))
+    rows = jax.ShapeDtypeStruct((4096, 32), jnp.float32, sharding=parallel.batch_sharding(mesh))
+
+    def temp_bytes(ring):
+        step = jax.jit(jax.grad(lambda i, t: clip_loss(i, t, jnp.float32(10.0), mesh, ring=ring)[0],
+                                argnums=(0, 1)))
+        return step.lower(rows, rows).compile().memory_analysis().temp_size_in_bytes
+
+    whole, ring = temp_bytes(False), temp_bytes(True)
+    assert whole >= 2 * 512 * 4096 * 4  # both directions' gathered logits
+    assert ring < whole / 3, (ring, whole)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_the_ring_switch_trains_the_same_step(name):
+    """config.train.contrastive_ring reaches the method's loss: the same loss and gradients on a (2, 2, 2) mesh."""
+    import flax.linen as nn
+
+    from configs import clip, siglip
+    from tests.helpers import small_towers
+    from vlp_jax import methods
+    from vlp_jax.checkpoint import leaves_by_path
+
+    mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, model=2)))
+    outputs = []
+    for ring in (False, True):
+        config = small_towers({"clip": clip, "siglip": siglip}[name].get_config("tiny"))
+        config.train.contrastive_ring = ring
+        method = methods.build(config, mesh)
+        size, length = config.model.image.image_size, config.model.text.max_len
+        batch = {"image": np.random.default_rng(1).integers(0, 256, (16, size, size, 3), dtype=np.uint8),
+                 "text": np.random.default_rng(2).integers(4, 50, (16, length)).astype(np.int32)}
+        params, extra = nn.meta.unbox(jax.jit(method.init)(jax.random.PRNGKey(0), batch))
+        with parallel.mesh_context(mesh):
+            sharded = parallel.global_batch_from_local(batch, mesh)
+            fn = jax.jit(lambda p, b, m=method, e=extra: m.loss_and_grads(p, e, b, jax.random.PRNGKey(0), 0))
+            (loss, _), grads = fn(params, sharded)
+        outputs.append((float(loss), leaves_by_path(grads)))
+    (whole_loss, whole), (ring_loss, ring) = outputs
+    np.testing.assert_allclose(ring_loss, whole_loss, rtol=1e-6)
+    for path, value in whole.items():
+        np.testing.assert_allclose(ring[path], value, rtol=1e-4, atol=1e-6, err_msg=path)

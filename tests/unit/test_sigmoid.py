@@ -31,8 +31,10 @@ def mesh_of(shape):
     return parallel.make_mesh(axes, devices=jax.devices()[: int(np.prod(shape))])
 
 
-@pytest.mark.parametrize("shape, chunk", [((1, 1, 1), 0), ((2, 2, 2), 0), ((1, 1, 1), 5), ((2, 2, 2), 7)])
-def test_sharded_and_blocked_sigmoid_loss_equal_the_formula(shape, chunk):
+@pytest.mark.parametrize("shape, chunk, ring", [((1, 1, 1), 0, False), ((2, 2, 2), 0, False), ((1, 1, 1), 5, False),
+                                               ((2, 2, 2), 7, False), ((8, 1, 1), 0, True), ((2, 2, 2), 3, True)])
+def test_sharded_and_blocked_sigmoid_loss_equal_the_formula(shape, chunk, ring):
+    """Gathered or passed round the ring of replicas, whole or in column blocks."""
     rng = np.random.default_rng(0)
     image, text = unit_rows(rng, (32, 16)), unit_rows(rng, (32, 16))
     text[[2, 9]] = image[[2, 9]]  # certain matches: the accuracy is not trivially 0
@@ -42,7 +44,7 @@ def test_sharded_and_blocked_sigmoid_loss_equal_the_formula(shape, chunk):
     image_s, text_s = jax.device_put(image, sharding), jax.device_put(text, sharding)
 
     def loss(i, t, s, b):
-        out = sigmoid_loss(i, t, s, b, mesh, chunk=chunk)
+        out = sigmoid_loss(i, t, s, b, mesh, chunk=chunk, ring=ring)
         return out["loss"], out["accuracy"]
 
     (got, accuracy), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(

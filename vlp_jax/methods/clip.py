@@ -51,7 +51,8 @@ class ClipMethod(Method):
         del constants, step
         scale = self.logit_scale(params)
         loss, metrics = clip_loss(embeddings["image"], embeddings["text"], scale, self.mesh,
-                                  chunk=self.config.train.get("contrastive_chunk", 0))
+                                  chunk=self.config.train.get("contrastive_chunk", 0),
+                                  ring=self.config.train.get("contrastive_ring", False))
         return loss, ({**metrics, "temperature": 1.0 / scale}, extra)
 
     def encode(self, params, batch):

@@ -315,8 +315,9 @@ class CookieMethod(Method):
         if "ema" in extra:  # θ' ← m·θ' + (1 − m)·θ before the momentum keys are computed
             new_extra["ema"] = momentum.ema_update(extra["ema"], self.student(params, with_temperatures=False),
                                                    self.cfg.momentum)
-        chunk = self.config.train.get("contrastive_chunk", 0)
-        cross = contrastive_loss(image, text, scales["cross"], self.mesh, chunk=chunk)
+        blocks = dict(chunk=self.config.train.get("contrastive_chunk", 0),
+                      ring=self.config.train.get("contrastive_ring", False))
+        cross = contrastive_loss(image, text, scales["cross"], self.mesh, **blocks)
         loss = weights.cross * cross["loss"]
         metrics = {"cross_loss": cross["loss"], "i2t_accuracy": cross["accuracy"], "temperature": 1.0 / scales["cross"]}
         embeddings = {"visual": image, "textual": text}
@@ -325,7 +326,7 @@ class CookieMethod(Method):
             teacher = jax.lax.stop_gradient(self.teacher_embedding(side, params, new_extra, inputs))
             if self.needs_adapter(side):
                 teacher = self.adapter.apply({"params": params[adapter_key(side)]}, teacher)
-            term = contrastive_loss(embeddings[side], teacher, scales[side], self.mesh, chunk=chunk)
+            term = contrastive_loss(embeddings[side], teacher, scales[side], self.mesh, **blocks)
             loss += weights[side] * term["loss"]
             metrics.update({
                 f"{side}_loss": term["loss"],

@@ -41,6 +41,7 @@ class SiglipMethod(ClipMethod):
         scale = self.logit_scale(params)
         bias = self.bias.apply({"params": params["bias"]})
         result = sigmoid_loss(embeddings["image"], embeddings["text"], scale, bias, self.mesh,
-                              chunk=self.config.train.get("contrastive_chunk", 0))
+                              chunk=self.config.train.get("contrastive_chunk", 0),
+                              ring=self.config.train.get("contrastive_ring", False))
         return result["loss"], ({"sigmoid_loss": result["loss"], "i2t_accuracy": result["accuracy"],
                                  "logit_scale": scale, "bias": jnp.asarray(bias)}, extra)

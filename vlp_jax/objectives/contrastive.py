@@ -14,7 +14,12 @@ One function serves every method:
 
 `chunk` > 0 (config.train.contrastive_chunk) never builds the [b, B] logits: the gathered keys are scored in
 column blocks of `chunk` with an online log-sum-exp (`blocked_log_sum_exp`), each block rematerialised in the
-backward pass, so the loss's memory is O(b × chunk) — the same loss and gradients.
+backward pass, so the loss's memory is O(b × chunk) — the same loss and gradients. `ring` (config.train.
+contrastive_ring) never gathers the keys either: each replica's block of keys travels round the ring of replicas
+(`ppermute`, Inf-CL's and SigLIP's ring), so the collectives are R − 1 neighbour sends of b × d instead of one
+all-gather of B × d, which XLA can overlap with the scoring of the block at hand. [ours] The backward pass keeps
+each hop's visiting block (B × d over the ring, as the gather does); Inf-CL's hand-written backward, which sends
+the blocks round again instead, is not done.
 """
 
 import functools
@@ -23,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from vlp_jax.parallel import BATCH_AXES, gather_batch, replica_index
+from vlp_jax.parallel import BATCH_AXES, gather_batch, replica_index, ring_over_batch
 
 # A finite "minus infinity" for masked logits: softmax gives exactly 0 there and 0 × it stays 0 in the KL.
 MASKED_LOGIT = -1e9
@@ -34,11 +39,11 @@ def _masked(logits: jax.Array, keep: jax.Array) -> jax.Array:
 
 
 def blocked_log_sum_exp(queries: jax.Array, keys: jax.Array, scale: jax.Array, chunk: int
-                        ) -> tuple[jax.Array, jax.Array]:
-    """(logsumexp_j scale·q_i·k_j [b], argmax_j [b]) over the rows of `keys` [B, d], `chunk` columns at a time: a
-    scan with a running maximum and sum (flash-attention style), each block under jax.checkpoint so the backward
-    pass recomputes its [b, chunk] logits instead of keeping them. Columns past B (padding to whole blocks) are
-    masked."""
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(logsumexp_j scale·q_i·k_j [b], max_j [b], argmax_j [b]) over the rows of `keys` [B, d], `chunk` columns at
+    a time: a scan with a running maximum and sum (flash-attention style), each block under jax.checkpoint so the
+    backward pass recomputes its [b, chunk] logits instead of keeping them. Columns past B (padding to whole
+    blocks) are masked."""
     total, dim = keys.shape
     blocks = -(-total // chunk)
     padded = jnp.pad(keys, ((0, blocks * chunk - total), (0, 0))).reshape(blocks, chunk, dim)
@@ -61,9 +66,31 @@ def blocked_log_sum_exp(queries: jax.Array, keys: jax.Array, scale: jax.Array, c
 
     zero = jax.lax.stop_gradient(queries[:, 0]) * 0  # [b], varying over the replicas like the carry (shard_map)
     start = (zero + 2 * MASKED_LOGIT, zero, zero + 2 * MASKED_LOGIT, zero.astype(jnp.int32))
-    (running_max, running_sum, _, best_index), _ = jax.lax.scan(
+    (running_max, running_sum, best, best_index), _ = jax.lax.scan(
         step, start, (padded, valid, jnp.arange(blocks, dtype=jnp.int32) * chunk))
-    return running_max + jnp.log(running_sum), best_index
+    return running_max + jnp.log(running_sum), best, best_index
+
+
+def ring_log_sum_exp(queries: jax.Array, keys: jax.Array, scale: jax.Array, chunk: int
+                     ) -> tuple[jax.Array, jax.Array]:
+    """Inside shard_map: (logsumexp [b], argmax [b] in gathered-batch columns) of `queries` against every
+    replica's `keys` [b, d] without gathering them: the blocks visit each replica round the ring
+    (parallel.ring_over_batch) and each is scored `chunk` columns at a time (0: the whole block) by
+    blocked_log_sum_exp, the per-block results merged online. Ties go to the first column, as in the gathered
+    order."""
+
+    def visit(carry, block, first_row):
+        lse, best, best_index = carry
+        block_lse, block_best, block_index = blocked_log_sum_exp(queries, block, scale, chunk or block.shape[0])
+        block_index = first_row + block_index
+        better = (block_best > best) | ((block_best == best) & (block_index < best_index))
+        return (jnp.logaddexp(lse, block_lse), jnp.where(better, block_best, best),
+                jnp.where(better, block_index, best_index))
+
+    zero = jax.lax.stop_gradient(queries[:, 0]) * 0  # [b], varying over the replicas like the carry
+    lse, _, best_index = ring_over_batch(keys, visit, (zero + 2 * MASKED_LOGIT, zero + 2 * MASKED_LOGIT,
+                                                       zero.astype(jnp.int32)))
+    return lse, best_index
 
 
 def _pair_weights(weights: jax.Array | None, local: int) -> tuple[jax.Array, jax.Array]:
@@ -77,17 +104,21 @@ def _accuracy(predicted: jax.Array, labels: jax.Array) -> jax.Array:
     return jax.lax.psum(jnp.sum(predicted == labels), BATCH_AXES) / jax.lax.psum(labels.shape[0], BATCH_AXES)
 
 
-def _local_chunked(queries_a, queries_b, keys_a, keys_b, weights, logit_scale, *, chunk):
-    """_local_contrastive without queue or KL, never materialising the [b, B] logits (blocked_log_sum_exp)."""
+def _local_chunked(queries_a, queries_b, keys_a, keys_b, weights, logit_scale, *, chunk, ring):
+    """_local_contrastive without queue or KL, never materialising the [b, B] logits (blocked_log_sum_exp), the
+    keys all-gathered or, with `ring`, passed round the replicas (ring_log_sum_exp)."""
     local = queries_a.shape[0]
-    gathered_b, gathered_a = gather_batch(keys_b), gather_batch(keys_a)
     labels = replica_index() * local + jnp.arange(local)
     queries_a, queries_b = queries_a.astype(jnp.float32), queries_b.astype(jnp.float32)
-    gathered_a, gathered_b = gathered_a.astype(jnp.float32), gathered_b.astype(jnp.float32)
-    lse_ab, best_ab = blocked_log_sum_exp(queries_a, gathered_b, logit_scale, chunk)
-    lse_ba, _ = blocked_log_sum_exp(queries_b, gathered_a, logit_scale, chunk)
-    positive_ab = logit_scale * jnp.sum(queries_a * gathered_b[labels], axis=-1)
-    positive_ba = logit_scale * jnp.sum(queries_b * gathered_a[labels], axis=-1)
+    keys_a, keys_b = keys_a.astype(jnp.float32), keys_b.astype(jnp.float32)
+    if ring:
+        lse_ab, best_ab = ring_log_sum_exp(queries_a, keys_b, logit_scale, chunk)
+        lse_ba, _ = ring_log_sum_exp(queries_b, keys_a, logit_scale, chunk)
+    else:
+        lse_ab, _, best_ab = blocked_log_sum_exp(queries_a, gather_batch(keys_b), logit_scale, chunk)
+        lse_ba, _, _ = blocked_log_sum_exp(queries_b, gather_batch(keys_a), logit_scale, chunk)
+    positive_ab = logit_scale * jnp.sum(queries_a * keys_b, axis=-1)  # the positives are this replica's own rows
+    positive_ba = logit_scale * jnp.sum(queries_b * keys_a, axis=-1)
     per_row = (lse_ab - positive_ab) + (lse_ba - positive_ba)
     w, total_weight = _pair_weights(weights, local)
     loss = jax.lax.psum((w * per_row).sum(), BATCH_AXES) / (2 * total_weight)
@@ -150,6 +181,7 @@ def contrastive_loss(
     with_kl: bool = False,
     kl_symmetric: bool = True,
     chunk: int = 0,
+    ring: bool = False,
 ) -> dict[str, jax.Array]:
     """Symmetric InfoNCE of unit-norm queries of two sides a and b [B, d] (sharded over the batch axes): a's
     queries against b's keys and b's against a's; row i of both sides is pair i. Cross-modal: a = image,
@@ -159,17 +191,19 @@ def contrastive_loss(
     K paired negatives (invalid slots masked out). `weights` [B] weights each pair's terms (0 removes a pair from
     the loss; it stays a negative for the others). Returns {"loss", "accuracy" (a→b top-1)} and, with `with_kl`,
     "kl": the (weighted mean) kl_alignment of the a→b and b→a distributions. `chunk` > 0: the blocked path (see
-    the module docstring; in-batch negatives only, without queue or KL).
+    the module docstring; in-batch negatives only, without queue or KL). `ring`: the blocked path with the keys
+    passed round the replicas instead of all-gathered (ring_log_sum_exp; `chunk` 0 scores a visiting block whole).
     """
     rows, whole = PartitionSpec(BATCH_AXES), PartitionSpec()
     keys_a = queries_a if keys_a is None else keys_a
     keys_b = queries_b if keys_b is None else keys_b
-    if chunk > 0:
+    if chunk > 0 or ring:
         if queue is not None or with_kl or not in_batch_negatives:
-            raise ValueError(f"config.train.contrastive_chunk={chunk}: the blocked loss covers in-batch negatives "
-                             "only, not a queue, the KL alignment or queue-only negatives; set it to 0 for this method")
+            flag = f"contrastive_chunk={chunk}" if chunk > 0 else "contrastive_ring=True"
+            raise ValueError(f"config.train.{flag}: the blocked loss covers in-batch negatives only, not a queue, "
+                             "the KL alignment or queue-only negatives; leave it off for this method")
         return jax.shard_map(
-            functools.partial(_local_chunked, chunk=chunk), mesh=mesh,
+            functools.partial(_local_chunked, chunk=chunk, ring=ring), mesh=mesh,
             in_specs=(rows, rows, rows, rows, None if weights is None else rows, whole),
             out_specs={"loss": whole, "accuracy": whole},
         )(queries_a, queries_b, keys_a, keys_b, weights, logit_scale)
@@ -185,8 +219,8 @@ def contrastive_loss(
 
 
 def clip_loss(
-    image: jax.Array, text: jax.Array, logit_scale: jax.Array, mesh: Mesh, chunk: int = 0
+    image: jax.Array, text: jax.Array, logit_scale: jax.Array, mesh: Mesh, chunk: int = 0, ring: bool = False
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Symmetric InfoNCE over the global batch. image, text: unit-norm [B, d] sharded over the batch axes."""
-    out = contrastive_loss(image, text, logit_scale, mesh, chunk=chunk)
+    out = contrastive_loss(image, text, logit_scale, mesh, chunk=chunk, ring=ring)
     return out["loss"], {"contrastive_loss": out["loss"], "i2t_accuracy": out["accuracy"]}
