@@ -220,7 +220,7 @@ def base_config(size: str) -> ml_collections.ConfigDict:
             contrastive_ring=False,
             # K > 1: the global batch's exact gradient with one micro-batch (B / K examples) of activations live at
             # a time (Method.loss_and_grads: embed all without activations, loss over the whole batch, re-run each
-            # micro-batch with its embedding gradient). CLIP, SigLIP, BriVL and COTS; others refuse.
+            # micro-batch with its embedding gradient). CLIP, SigLIP, BriVL, COTS and COOKIE; CMAL refuses.
             microbatches=1,
             # Parameter groups by name, each dict(pattern=REGEX, frozen=False, lr_multiplier=1.0, weight_decay=-1.0):
             # the first group (in order) whose pattern fullmatches a parameter's '/'-joined path

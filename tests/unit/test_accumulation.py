@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import brivl, clip, cookie, cots, siglip
+from configs import brivl, clip, cmal, cookie, cots, siglip
 from tests.helpers import small_towers
 from vlp_jax import methods, parallel, step
 from vlp_jax.checkpoint import leaves_by_path
@@ -24,7 +24,10 @@ def batch_of(config, size):
     text = rng.integers(4, config.model.text.vocab_size, (size, config.model.text.max_len)).astype(np.int32)
     text[:, 0], text[:, 6], text[:, 7:] = 2, 3, 0
     pixels = config.model.image.image_size
-    return {"image": rng.integers(0, 256, (size, pixels, pixels, 3), dtype=np.uint8), "text": text}
+    batch = {"image": rng.integers(0, 256, (size, pixels, pixels, 3), dtype=np.uint8), "text": text}
+    if config.method.get("second_view", {}).get("image"):  # COOKIE's teacher sees another view of the image
+        batch["image_view"] = batch["image"][:, :, ::-1]
+    return batch
 
 
 def loss_and_grads(config, mesh, microbatches, size=32, with_extra=False, pretrained=None, noisy=False):
@@ -103,6 +106,15 @@ def test_cots_accumulates_its_token_level_terms_exactly(shape):
     assert metrics["mvm_loss"] > 0 and metrics["mlm_loss"] > 0
 
 
+def test_cookie_accumulates_its_teacher_terms_exactly():
+    """COOKIE with momentum teachers on both sides, the image teacher on a second view: the teachers' keys are
+    per-example constants, the momentum student advances once."""
+    config = small_towers(cookie.get_config("tiny"))
+    config.method.second_view.image = True
+    metrics = assert_accumulates_exactly(config, (2, 2, 2))
+    assert {"cross_loss", "visual_loss", "textual_loss"} <= set(metrics)
+
+
 def test_accumulation_holds_one_micro_batch_of_activations():
     """XLA's temp memory of the step's loss and gradient at batch 256: 8 micro-batches need far less."""
     config = small_towers(clip.get_config("tiny"))
@@ -114,6 +126,8 @@ def test_accumulation_holds_one_micro_batch_of_activations():
 
 def test_methods_without_the_split_and_bad_counts_are_refused():
     mesh = mesh_of((1, 1, 1))
-    with pytest.raises(ValueError, match="microbatches=2: method 'cookie' has no embed/embedding_loss split"):
-        loss_and_grads(small_towers(cookie.get_config("tiny")), mesh, 2, size=8)
-    assert all(methods.get(name).accumulates() for name in ("clip", "siglip", "brivl", "cots"))
+    with pytest.raises(ValueError, match="microbatches=2: method 'cmal' has no embed/embedding_loss split"):
+        methods.build(small_towers(cmal.get_config("tiny")), mesh).loss_and_grads(None, None, {}, None, 0, 2)
+    assert all(methods.get(name).accumulates() for name in ("clip", "siglip", "brivl", "cots", "cookie"))
+    with pytest.raises(ValueError, match="microbatches=3 does not divide the global batch 32"):
+        loss_and_grads(small_towers(clip.get_config("tiny")), mesh, 3)

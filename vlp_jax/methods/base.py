@@ -149,7 +149,7 @@ class Method:
             return jax.value_and_grad(self.loss, has_aux=True)(params, extra, batch, rng, step)
         if not self.accumulates():
             raise ValueError(f"config.train.microbatches={microbatches}: method {self.config.method.name!r} has no "
-                             "embed/embedding_loss split (CLIP, SigLIP, BriVL and COTS have one); set it to 1")
+                             "embed/embedding_loss split (CLIP, SigLIP, BriVL, COTS and COOKIE have one); set it to 1")
         size = jax.tree.leaves(batch)[0].shape[0]
         if size % microbatches:
             raise ValueError(f"config.train.microbatches={microbatches} does not divide the global batch {size}")

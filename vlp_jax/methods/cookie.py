@@ -304,26 +304,40 @@ class CookieMethod(Method):
             extra["ema"] = jax.tree.map(jnp.copy, self.student(params, with_temperatures=False))
         return params, extra
 
-    def loss(self, params, extra, batch, rng, step):
-        del rng, step  # COOKIE is deterministic given the batch
-        weights = self.cfg.weights
+    # -- the loss: Method.split_loss, so micro-batches (config.train.microbatches) give its exact gradient ----------
+    def embed(self, params, batch):
+        """The student's unit-norm embeddings of both modalities."""
         student = self.student(params)
-        image = self.apply(student, "encode_image", batch["image"])
-        text = self.apply(student, "encode_text", batch["text"])
-        scales = self.apply(student, "logit_scales")
-        new_extra = dict(extra)
-        if "ema" in extra:  # θ' ← m·θ' + (1 − m)·θ before the momentum keys are computed
-            new_extra["ema"] = momentum.ema_update(extra["ema"], self.student(params, with_temperatures=False),
-                                                   self.cfg.momentum)
+        return {"visual": self.apply(student, "encode_image", batch["image"]),
+                "textual": self.apply(student, "encode_text", batch["text"])}
+
+    def momentum_teacher(self, params, extra) -> PyTree:
+        """`extra` with the momentum student advanced (θ' ← m·θ' + (1 − m)·θ) before its keys are computed."""
+        if "ema" not in extra:
+            return extra
+        student = self.student(jax.lax.stop_gradient(params), with_temperatures=False)
+        return {**extra, "ema": momentum.ema_update(extra["ema"], student, self.cfg.momentum)}
+
+    def embed_constants(self, params, extra, batch, step):
+        """Each unimodal side's teacher embedding (momentum or frozen; of the second view when declared)."""
+        del step
+        advanced = self.momentum_teacher(params, extra)
+        return {side: jax.lax.stop_gradient(self.teacher_embedding(
+            side, params, advanced, batch.get(VIEW_FEATURES[side], batch[SIDES[side]]))) for side in self.terms[1:]}
+
+    def embedding_loss(self, params, embeddings, constants, extra, step):
+        """The cross-modal term and each side's student-teacher term over the global batch (the frozen teachers'
+        adapters are trained here); the momentum student advances once a step."""
+        del step
+        weights = self.cfg.weights
+        scales = self.apply(self.student(params), "logit_scales")
         blocks = dict(chunk=self.config.train.get("contrastive_chunk", 0),
                       ring=self.config.train.get("contrastive_ring", False))
-        cross = contrastive_loss(image, text, scales["cross"], self.mesh, **blocks)
+        cross = contrastive_loss(embeddings["visual"], embeddings["textual"], scales["cross"], self.mesh, **blocks)
         loss = weights.cross * cross["loss"]
         metrics = {"cross_loss": cross["loss"], "i2t_accuracy": cross["accuracy"], "temperature": 1.0 / scales["cross"]}
-        embeddings = {"visual": image, "textual": text}
         for side in self.terms[1:]:
-            inputs = batch.get(VIEW_FEATURES[side], batch[SIDES[side]])  # the second view when declared
-            teacher = jax.lax.stop_gradient(self.teacher_embedding(side, params, new_extra, inputs))
+            teacher = constants[side]
             if self.needs_adapter(side):
                 teacher = self.adapter.apply({"params": params[adapter_key(side)]}, teacher)
             term = contrastive_loss(embeddings[side], teacher, scales[side], self.mesh, **blocks)
@@ -334,7 +348,7 @@ class CookieMethod(Method):
                 f"{side}_temperature": 1.0 / scales[side],
                 f"{side}_teacher_agreement": jnp.mean(jnp.sum(embeddings[side] * teacher, axis=-1)),
             })
-        return loss, (metrics, new_extra)
+        return loss, (metrics, self.momentum_teacher(params, extra))
 
     def encode(self, params, batch):
         student, embeddings = self.student(params), {}
