@@ -85,12 +85,14 @@ def benchmark(config, steps: int, warmup: int) -> dict[str, float | None]:
         jax.block_until_ready(step_metrics)
         times.append(time.perf_counter() - started)
     step_seconds = statistics.median(times)
+    loss_seconds = loss_benchmark(run, state, batch, steps) if run.method.accumulates() else None
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
     return {
         "parameters": count_params(state.params),
         "compile_s": compile_seconds,
         "step_s_median": step_seconds,
+        "loss_s_median": loss_seconds,
         "pairs_per_s": config.train.batch_size / step_seconds,
         "tflops_per_s": flops / step_seconds / 1e12,
         "mfu": mfu(flops, step_seconds, device.device_kind, config.model.dtype, run.mesh.size),
@@ -98,6 +100,25 @@ def benchmark(config, steps: int, warmup: int) -> dict[str, float | None]:
         "peak_device_bytes": stats.get("peak_bytes_in_use"),
         "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
+
+
+def loss_benchmark(run, state, batch, steps: int) -> float:
+    """Median seconds of the method's loss over the whole global batch and its gradient w.r.t. the embeddings and
+    parameters (`embedding_loss`: the all-gathered or blocked contrastive term), from the batch's real embeddings:
+    the loss's share of the step."""
+    method = run.method
+    with parallel.mesh_context(run.mesh):
+        embeddings = jax.jit(method.embed)(state.params, batch)
+        constants = jax.jit(method.embed_constants)(state.params, state.extra, batch, state.step)
+        loss = jax.jit(jax.value_and_grad(
+            lambda p, e: method.embedding_loss(p, e, constants, state.extra, state.step)[0], argnums=(0, 1)))
+        jax.block_until_ready(loss(state.params, embeddings))
+        times = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            jax.block_until_ready(loss(state.params, embeddings))
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def data_benchmark(config) -> None:
@@ -168,6 +189,10 @@ def main(argv):
     print(f"compile time          {results['compile_s']:.2f} s")
     print(f"median step time      {results['step_s_median'] * 1e3:.1f} ms  (over {FLAGS.steps} steps)")
     print(f"pairs/s               {results['pairs_per_s']:,.0f}")
+    if results["loss_s_median"] is not None:
+        share = results["loss_s_median"] / results["step_s_median"]
+        print(f"loss + gradient       {results['loss_s_median'] * 1e3:.1f} ms  ({share:.1%} of the step; the "
+              "contrastive loss over the global batch from its embeddings)")
     print(f"model TFLOP/s         {results['tflops_per_s']:.3f}")
     print(f"MFU                   {'n/a (peak unknown for this device)' if mfu is None else f'{mfu:.1%}'}")
     print(f"memory (XLA estimate) {results['estimated_bytes_per_device'] / gib:.2f} GiB per device")
