@@ -5,8 +5,8 @@
 
 The inverse of `convert --format=folder`: every record of the named splits becomes an image file (its stored
 bytes, unchanged) and one line of FOLDER/captions.jsonl, ``{"image": NAME, "captions": [...], "split": SPLIT}``
-plus the record's ``labels`` when it has any. ``--split_file`` writes ``{"<split>": [image names]}`` (JSON), the
-split format of ../shared/bench-openclip/openclip_train_quality.py (`--split-file`), so another framework trains
+plus the record's ``labels`` when it has any. ``--split_file`` writes ``{"<split>": [image names]}`` (JSON), a plain
+split format (the open_clip harness of docs/results/real-data.md reads it), so another framework trains
 and evaluates on exactly the images this one does. What for: side-by-side runs with other systems (open_clip's
 folder loaders, the bench harness), and looking at a dataset with ordinary tools.
 

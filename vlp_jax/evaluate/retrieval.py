@@ -13,8 +13,8 @@ Three additions, which reduce to it in the plain case:
 - ties count against the model: every negative scoring at least as high as the best positive ranks ahead of it
   (CLIP_benchmark leaves ties to torch.topk's order), so a collapsed model that scores everything equally gets
   chance-level recall, not 100%. The two agree whenever scores are distinct. `Scorer(ties="favour")`
-  (config.eval.ties) counts only strictly higher negatives instead, the rule of open_clip's bench harness
-  (../shared/bench-openclip/openclip_train_quality.py), for side-by-side figures under one rule: identical caption
+  (config.eval.ties) counts only strictly higher negatives instead, the rule of the open_clip training harness
+  we compare against (docs/results/real-data.md), for side-by-side figures under one rule: identical caption
   texts of different images score exactly alike, so on sets with repeated captions the two rules differ.
 
 Memory: the [queries, gallery] score matrix is never materialised. Queries and gallery are sorted by label; for

@@ -88,10 +88,11 @@ class Method:
         return image_text_example(config)
 
     # -- exact gradient accumulation (config.train.microbatches) -------------------------------------------------
-    # A method whose loss is a function of per-example embeddings (CLIP, SigLIP, BriVL, COTS) implements `embed` and
-    # `embedding_loss` (and `embed_constants` for per-example outputs without gradient, such as momentum keys), and
-    # per-example terms (COTS's MLM and MVM) as `example_inputs` + `example_terms`; `loss` is then this default
-    # and `loss_and_grads` computes the global batch's exact gradient one micro-batch of activations at a time.
+    # A method whose loss is a function of per-example embeddings (CLIP, SigLIP, BriVL, COTS, COOKIE) implements
+    # `embed` and `embedding_loss` (and `embed_constants` for per-example outputs without gradient, such as momentum
+    # keys), and per-example terms (COTS's MLM and MVM) as `example_inputs` + `example_terms`; the default `loss`
+    # combines them and `loss_and_grads` computes the global batch's exact gradient one micro-batch of activations
+    # at a time.
     def embed(self, params: PyTree, batch: Batch) -> dict[str, jax.Array]:
         """Per-example outputs [b, ...] of the trainable forward pass whose gradient `loss_and_grads` accumulates."""
         raise NotImplementedError
@@ -128,15 +129,6 @@ class Method:
         """Whether `loss` is `embedding_loss` of `embed` plus `example_terms`, so micro-batches give its exact
         gradient."""
         return cls.embed is not Method.embed and cls.embedding_loss is not Method.embedding_loss
-
-    def split_loss(self, params, extra, batch, rng, step):
-        """`loss` of a method with the embed/embedding_loss split, on the whole batch at once."""
-        embeddings = self.embed(params, batch)
-        constants = self.embed_constants(params, extra, batch, step)
-        loss, (metrics, new_extra) = self.embedding_loss(params, embeddings, constants, extra, step)
-        inputs, totals = self.example_inputs(extra, batch, constants, rng, step)
-        terms, term_metrics = self.example_terms(params, extra, batch, embeddings, inputs, totals)
-        return loss + terms, ({**metrics, **term_metrics}, new_extra)
 
     def loss_and_grads(self, params, extra, batch, rng, step, microbatches: int = 1):
         """((loss, (metrics, extra)), grads) of `loss`. With `microbatches` K > 1 (methods that `accumulates`): the
@@ -220,11 +212,16 @@ class Method:
     def loss(
         self, params: PyTree, extra: PyTree, batch: Batch, rng: jax.Array, step: jax.Array
     ) -> tuple[jax.Array, tuple[dict[str, jax.Array], PyTree]]:
-        """Returns (scalar loss, (metrics, new_extra)); runs inside the jitted train step. By default the loss of a
-        method with the embed/embedding_loss split (`split_loss`)."""
+        """Returns (scalar loss, (metrics, new_extra)); runs inside the jitted train step. By default a method with
+        the embed/embedding_loss split's loss on the whole batch at once (`loss_and_grads` splits it instead)."""
         if not self.accumulates():
             raise NotImplementedError(f"{type(self).__name__} implements neither loss nor embed/embedding_loss")
-        return self.split_loss(params, extra, batch, rng, step)
+        embeddings = self.embed(params, batch)
+        constants = self.embed_constants(params, extra, batch, step)
+        loss, (metrics, new_extra) = self.embedding_loss(params, embeddings, constants, extra, step)
+        inputs, totals = self.example_inputs(extra, batch, constants, rng, step)
+        terms, term_metrics = self.example_terms(params, extra, batch, embeddings, inputs, totals)
+        return loss + terms, ({**metrics, **term_metrics}, new_extra)
 
     def encode(self, params: PyTree, batch: Batch) -> dict[str, jax.Array]:
         """L2-normalised embeddings for evaluation: {"image": [b, d]} and/or {"text": [b, d]}."""

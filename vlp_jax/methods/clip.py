@@ -7,7 +7,7 @@ import ml_collections
 from vlp_jax.methods.base import Batch, Method, PyTree
 from vlp_jax.models.dual_encoder import DualEncoder
 from vlp_jax.models.heads import LogitScale
-from vlp_jax.objectives.contrastive import clip_loss
+from vlp_jax.objectives.contrastive import clip_loss, contrastive_blocks
 
 
 class ClipModel(nn.Module):
@@ -51,8 +51,7 @@ class ClipMethod(Method):
         del constants, step
         scale = self.logit_scale(params)
         loss, metrics = clip_loss(embeddings["image"], embeddings["text"], scale, self.mesh,
-                                  chunk=self.config.train.get("contrastive_chunk", 0),
-                                  ring=self.config.train.get("contrastive_ring", False))
+                                  **contrastive_blocks(self.config.train))
         return loss, ({**metrics, "temperature": 1.0 / scale}, extra)
 
     def encode(self, params, batch):

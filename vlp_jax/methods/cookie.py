@@ -57,7 +57,7 @@ from vlp_jax.models.dual_encoder import DualEncoder, image_tower, text_tower
 from vlp_jax.models.heads import Projection, Temperature, l2_normalize
 from vlp_jax.models.shared_head import SharedHead
 from vlp_jax.objectives import momentum
-from vlp_jax.objectives.contrastive import contrastive_loss
+from vlp_jax.objectives.contrastive import contrastive_blocks, contrastive_loss
 from vlp_jax.optimizer import UNGROUPED, param_groups
 
 TEACHER_KINDS = ("momentum", "frozen", "none")
@@ -304,7 +304,7 @@ class CookieMethod(Method):
             extra["ema"] = jax.tree.map(jnp.copy, self.student(params, with_temperatures=False))
         return params, extra
 
-    # -- the loss: Method.split_loss, so micro-batches (config.train.microbatches) give its exact gradient ----------
+    # -- the loss: Method.loss's default, so micro-batches (config.train.microbatches) give its exact gradient -------
     def embed(self, params, batch):
         """The student's unit-norm embeddings of both modalities."""
         student = self.student(params)
@@ -331,8 +331,7 @@ class CookieMethod(Method):
         del step
         weights = self.cfg.weights
         scales = self.apply(self.student(params), "logit_scales")
-        blocks = dict(chunk=self.config.train.get("contrastive_chunk", 0),
-                      ring=self.config.train.get("contrastive_ring", False))
+        blocks = contrastive_blocks(self.config.train)
         cross = contrastive_loss(embeddings["visual"], embeddings["textual"], scales["cross"], self.mesh, **blocks)
         loss = weights.cross * cross["loss"]
         metrics = {"cross_loss": cross["loss"], "i2t_accuracy": cross["accuracy"], "temperature": 1.0 / scales["cross"]}

@@ -36,7 +36,7 @@ class MomentumContrastMethod(Method):
             extra["queue"] = momentum.init_queue(self.cfg.queue_size, self.config.model.embed_dim)
         return params, extra
 
-    # -- the loss: Method.split_loss (embed, embed_constants, embedding_loss, example terms) -------------------------
+    # -- the loss: Method.loss's default (embed, embed_constants, embedding_loss, example terms) ---------------------
     def embed(self, params, batch):
         """The online queries."""
         return {"image": self.apply(params, "encode_image", batch["image"])[0],

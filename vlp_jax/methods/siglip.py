@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from vlp_jax.methods.base import Batch, Method, PyTree
 from vlp_jax.methods.clip import ClipMethod, ClipModel
+from vlp_jax.objectives.contrastive import contrastive_blocks
 from vlp_jax.objectives.sigmoid import sigmoid_loss
 
 
@@ -41,7 +42,6 @@ class SiglipMethod(ClipMethod):
         scale = self.logit_scale(params)
         bias = self.bias.apply({"params": params["bias"]})
         result = sigmoid_loss(embeddings["image"], embeddings["text"], scale, bias, self.mesh,
-                              chunk=self.config.train.get("contrastive_chunk", 0),
-                              ring=self.config.train.get("contrastive_ring", False))
+                              **contrastive_blocks(self.config.train))
         return result["loss"], ({"sigmoid_loss": result["loss"], "i2t_accuracy": result["accuracy"],
                                  "logit_scale": scale, "bias": jnp.asarray(bias)}, extra)

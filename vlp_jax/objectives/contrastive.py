@@ -26,6 +26,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from jax.sharding import Mesh, PartitionSpec
 
 from vlp_jax.parallel import BATCH_AXES, gather_batch, replica_index, ring_over_batch
@@ -216,6 +217,11 @@ def contrastive_loss(
         in_specs=(rows, rows, rows, rows, None if queue is None else whole, None if weights is None else rows, whole),
         out_specs=out_specs,
     )(queries_a, queries_b, keys_a, keys_b, queue, weights, logit_scale)
+
+
+def contrastive_blocks(train: ml_collections.ConfigDict) -> dict:
+    """The blocking arguments (`chunk`, `ring`) of contrastive_loss / sigmoid_loss from `config.train`."""
+    return {"chunk": train.get("contrastive_chunk", 0), "ring": train.get("contrastive_ring", False)}
 
 
 def clip_loss(
