@@ -111,7 +111,7 @@ def loss_benchmark(run, state, batch, steps: int) -> float:
         embeddings = jax.jit(method.embed)(state.params, batch)
         constants = jax.jit(method.embed_constants)(state.params, state.extra, batch, state.step)
         loss = jax.jit(jax.value_and_grad(
-            lambda p, e: method.embedding_loss(p, e, constants, state.extra, state.step)[0], argnums=(0, 1)))
+            lambda p, e: method.embedding_loss(p, e, constants, state.extra, state.rng, state.step)[0], argnums=(0, 1)))
         jax.block_until_ready(loss(state.params, embeddings))
         times = []
         for _ in range(steps):

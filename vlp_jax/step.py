@@ -175,8 +175,11 @@ def compile_step(run: Setup, batch, config: ml_collections.ConfigDict):
 
     Returns (compiled step, memory estimate, model FLOPs per step as counted from the step's own program).
     """
+    memory.release_host_memory()  # the state's init programs' compile memory, before the step's compile
     with parallel.mesh_context(run.mesh):
         lowered = run.train_step.lower(run.state, batch)
         compiled = lowered.compile()
     step_flops = flops.step_flops(lowered, config)
-    return compiled, memory.check_fits(compiled, config.train.device_memory_bytes), step_flops
+    estimate = memory.check_fits(compiled, config.train.device_memory_bytes)
+    memory.release_host_memory()  # the compiler's freed memory back to the OS before the step's buffers
+    return compiled, estimate, step_flops

@@ -14,6 +14,7 @@ here with its default, so a method overrides what it needs and the loop never pr
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -67,6 +68,17 @@ def image_text_example(config: ml_collections.ConfigDict) -> dict[str, Feature]:
     }
 
 
+def split_rows(x: jax.Array, parts: int) -> jax.Array:
+    """[B, ...] -> [K, B/K, ...] with part k = rows k, K + k, 2K + k, ...: interleaved, so each replica's share of
+    the batch rows stays on it (the batch axis is sharded in contiguous blocks)."""
+    return jnp.swapaxes(x.reshape(x.shape[0] // parts, parts, *x.shape[1:]), 0, 1)
+
+
+def merge_rows(x: jax.Array) -> jax.Array:
+    """`split_rows`' inverse: [K, B/K, ...] -> [B, ...]."""
+    return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
 class Method:
     """Base of every method; subclasses implement `init`, `loss` and `encode` and override hooks as needed."""
 
@@ -103,9 +115,10 @@ class Method:
         return {}
 
     def embedding_loss(self, params: PyTree, embeddings: dict[str, jax.Array], constants: dict[str, jax.Array],
-                       extra: PyTree, step: jax.Array) -> tuple[jax.Array, tuple[dict, PyTree]]:
+                       extra: PyTree, rng: jax.Array, step: jax.Array) -> tuple[jax.Array, tuple[dict, PyTree]]:
         """(loss, (metrics, new extra)) of the whole global batch from `embed`'s and `embed_constants`' outputs (and
-        params such as a temperature); the non-gradient state (EMA, queue, statistics) changes here, once a step."""
+        params such as a temperature); the non-gradient state (EMA, queue, statistics) changes here, once a step.
+        `rng` is the step's key (the one `example_inputs` gets too: split it where both draw)."""
         raise NotImplementedError
 
     def example_inputs(self, extra: PyTree, batch: Batch, constants: dict[str, jax.Array], rng: jax.Array,
@@ -141,24 +154,20 @@ class Method:
             return jax.value_and_grad(self.loss, has_aux=True)(params, extra, batch, rng, step)
         if not self.accumulates():
             raise ValueError(f"config.train.microbatches={microbatches}: method {self.config.method.name!r} has no "
-                             "embed/embedding_loss split (CLIP, SigLIP, BriVL, COTS and COOKIE have one); set it to 1")
+                             "embed/embedding_loss split (CLIP, SigLIP, BriVL, COTS, COOKIE and CMAL have one); "
+                             "set it to 1")
         size = jax.tree.leaves(batch)[0].shape[0]
         if size % microbatches:
             raise ValueError(f"config.train.microbatches={microbatches} does not divide the global batch {size}")
 
-        def split(x):  # [B, ...] -> [K, B/K, ...]: micro-batch k = rows k, K + k, 2K + k, ...
-            return jnp.swapaxes(x.reshape(size // microbatches, microbatches, *x.shape[1:]), 0, 1)
-
-        def merge(x):  # split's inverse
-            return jnp.swapaxes(x, 0, 1).reshape(size, *x.shape[2:])
-
+        split = functools.partial(split_rows, parts=microbatches)
         parts = jax.tree.map(split, batch)
         frozen = jax.lax.stop_gradient(params)
         embedded, constants = jax.lax.map(
             lambda part: (self.embed(frozen, part), self.embed_constants(frozen, extra, part, step)), parts)
-        embeddings, constants = jax.tree.map(merge, embedded), jax.tree.map(merge, constants)
+        embeddings, constants = jax.tree.map(merge_rows, embedded), jax.tree.map(merge_rows, constants)
         (loss, (metrics, new_extra)), (direct, cotangents) = jax.value_and_grad(
-            lambda p, e: self.embedding_loss(p, e, constants, extra, step), argnums=(0, 1), has_aux=True
+            lambda p, e: self.embedding_loss(p, e, constants, extra, rng, step), argnums=(0, 1), has_aux=True
         )(params, embeddings)
         inputs, totals = self.example_inputs(extra, batch, constants, rng, step)
 
@@ -218,7 +227,7 @@ class Method:
             raise NotImplementedError(f"{type(self).__name__} implements neither loss nor embed/embedding_loss")
         embeddings = self.embed(params, batch)
         constants = self.embed_constants(params, extra, batch, step)
-        loss, (metrics, new_extra) = self.embedding_loss(params, embeddings, constants, extra, step)
+        loss, (metrics, new_extra) = self.embedding_loss(params, embeddings, constants, extra, rng, step)
         inputs, totals = self.example_inputs(extra, batch, constants, rng, step)
         terms, term_metrics = self.example_terms(params, extra, batch, embeddings, inputs, totals)
         return loss + terms, ({**metrics, **term_metrics}, new_extra)

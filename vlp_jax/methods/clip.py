@@ -47,8 +47,8 @@ class ClipMethod(Method):
     def logit_scale(self, params) -> jax.Array:
         return self.model.apply({"params": params}, method=lambda module: module.logit_scale())
 
-    def embedding_loss(self, params, embeddings, constants, extra, step):
-        del constants, step
+    def embedding_loss(self, params, embeddings, constants, extra, rng, step):
+        del constants, rng, step
         scale = self.logit_scale(params)
         loss, metrics = clip_loss(embeddings["image"], embeddings["text"], scale, self.mesh,
                                   **contrastive_blocks(self.config.train))

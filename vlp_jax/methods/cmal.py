@@ -43,7 +43,7 @@ import ml_collections
 import optax
 from jax.sharding import PartitionSpec
 
-from vlp_jax.methods.base import Feature, Method, image_text_example
+from vlp_jax.methods.base import Feature, Method, image_text_example, merge_rows, split_rows
 from vlp_jax.models.dual_encoder import DualEncoder
 from vlp_jax.models.heads import LogitScale, Projection
 from vlp_jax.models.layers import dense, layer_norm
@@ -181,67 +181,110 @@ class CmalMethod(Method):
         logits = self.apply(params, "match", self.apply(params, "fuse", text, text_mask, found))
         return logits[:, 1] - logits[:, 0]
 
-    def loss(self, params, extra, batch, rng, step):
-        del step
-        cfg = self.cfg
-        swap_rng, mine_rng, mlm_rng = jax.random.split(rng, 3)
+    # -- the loss on the Method protocol's split (Method.loss), so CMAL accumulates exactly -----------------------
+    # What crosses examples (the contrastive term, hard-negative mining and matching against another example's
+    # caption or regions) is `embedding_loss` over the whole batch's per-example outputs: pooled embeddings, token
+    # features, region features, hypersphere vectors. What stays inside an example (anchor alignment, AMC, MLM) is
+    # `example_terms`, each normalised by its global count. [ours: the paper trains on one batch at a time]
+    def embed(self, params, batch):
+        """The trainable per-example outputs: unit-norm image and text, the text tower's token features, the
+        regions' features and both sides' hypersphere vectors."""
         image, found, region_vecs = self.apply(params, "encode_image", batch["image"], batch["boxes"],
                                                batch["box_mask"])
-        size = batch["text"].shape[0]
-        tokens, token_mask = batch["text"], jnp.zeros(batch["text"].shape, bool)
-        if cfg.mlm.weight > 0:  # the masked captions go through the text tower with the clean ones, in one pass
-            masked_tokens, embed_mask, predict = mlm_mask(mlm_rng, tokens, cfg.mlm, self.config.model.text.vocab_size)
-            tokens = jnp.concatenate([tokens, masked_tokens])
-            token_mask = jnp.concatenate([token_mask, embed_mask])
-        encoded = self.apply(params, "encode_text", tokens, token_mask)
-        text_emb, text, text_mask, word_vecs = (x[:size] for x in encoded)
-        logit_scale = self.apply(params, "temperature_scale")
-        metrics, total = {"temperature": 1.0 / logit_scale}, 0.0
+        text_emb, text, _, word_vecs = self.apply(params, "encode_text", batch["text"])
+        return {"image": image, "text": text_emb, "tokens": text, "regions": found["features"],
+                "word_vecs": word_vecs, "region_vecs": region_vecs}
 
-        contrast = contrastive_loss(image, text_emb, logit_scale, self.mesh)
-        metrics.update({"itc_loss": contrast["loss"], "i2t_accuracy": contrast["accuracy"]})
-        if cfg.itc.weight > 0:
-            total += cfg.itc.weight * contrast["loss"]
-
+    def embed_constants(self, params, extra, batch, step):
+        """Per-example arrays without gradient: the masks and boxes of the regions, the anchors (from the tags, or
+        detected in the hypersphere spaces) and the tag/tag-free pairs the anchor metrics compare."""
+        del extra, step
+        frozen = jax.lax.stop_gradient(params)
+        _, found, region_vecs = self.apply(frozen, "encode_image", batch["image"], batch["boxes"], batch["box_mask"])
+        _, _, text_mask, word_vecs = self.apply(frozen, "encode_text", batch["text"])
+        cfg = self.cfg
         boxes = batch["region_tags"].shape[1]
         region_tags = jnp.pad(batch["region_tags"], [(0, 0), (1, self.region_count - 1 - boxes)])  # [b, R]
-        words = batch["token_words"] >= 0
-        tag_pairs = anchors.pair_matrix(batch["token_tags"], region_tags)
         region_anchorable = found["mask"].at[:, 0].set(False)  # the whole image is never an anchor
-        free_pairs = anchors.tag_free_pairs(word_vecs, region_vecs, words, region_anchorable, cfg.anchors.threshold)
-        quality = anchors.pair_precision_recall(free_pairs, tag_pairs)
-        metrics.update({"anchors/tag_pairs_per_example": tag_pairs.sum((1, 2)).mean(),
-                        "anchors/tag_free_precision": quality["precision"],
-                        "anchors/tag_free_recall": quality["recall"],
-                        "boxes_dropped": batch["boxes_dropped"].mean()})
+        tag_pairs = anchors.pair_matrix(batch["token_tags"], region_tags)
+        free_pairs = anchors.tag_free_pairs(word_vecs, region_vecs, batch["token_words"] >= 0, region_anchorable,
+                                            cfg.anchors.threshold)
         if cfg.anchors.source == "tags":
             token_tags, concepts = batch["token_tags"], self.config.data.max_boxes
         else:
             token_tags, region_tags = anchors.tag_free_concepts(free_pairs)
             concepts = self.region_count
         word_of, region_of, present = anchors.concept_masks(token_tags, region_tags, concepts)
+        return {"text_mask": text_mask, "region_mask": found["mask"], "region_boxes": found["boxes"],
+                "region_anchorable": region_anchorable, "tag_pairs": tag_pairs, "free_pairs": free_pairs,
+                "word_of": word_of, "region_of": region_of, "present": present,
+                "boxes_dropped": batch["boxes_dropped"].astype(jnp.float32)}
 
+    def embedding_loss(self, params, embeddings, constants, extra, rng, step):
+        """The contrastive term and image-text matching with hard negatives mined from the whole global batch; the
+        matching pairs run through the unified encoder one micro-batch's share at a time (rematerialised)."""
+        del step
+        cfg = self.cfg
+        logit_scale = self.apply(params, "temperature_scale")
+        contrast = contrastive_loss(embeddings["image"], embeddings["text"], logit_scale, self.mesh)
+        quality = anchors.pair_precision_recall(constants["free_pairs"], constants["tag_pairs"])
+        metrics = {"temperature": 1.0 / logit_scale, "itc_loss": contrast["loss"], "i2t_accuracy": contrast["accuracy"],
+                   "anchors/tag_pairs_per_example": constants["tag_pairs"].sum((1, 2)).mean(),
+                   "anchors/tag_free_precision": quality["precision"], "anchors/tag_free_recall": quality["recall"],
+                   "boxes_dropped": constants["boxes_dropped"].mean()}
+        total = cfg.itc.weight * contrast["loss"] if cfg.itc.weight > 0 else jnp.float32(0.0)
+        if cfg.itm.weight > 0:
+            itm, itm_metrics = self.matching(params, embeddings, constants, logit_scale,
+                                             jax.random.split(rng, 3)[1])
+            total += cfg.itm.weight * itm
+            metrics.update(itm_metrics)
+        return total, (metrics, extra)
+
+    def example_inputs(self, extra, batch, constants, rng, step):
+        """The anchors to swap and the MLM masks, drawn once for the global batch; the global counts of swapped
+        anchors, present anchors and predicted tokens normalise the terms."""
+        del extra, step
+        cfg = self.cfg
+        swap_rng, _, mlm_rng = jax.random.split(rng, 3)  # the middle key mines the hard negatives
+        present = constants["present"]
+        inputs = {key: constants[key] for key in ("text_mask", "region_mask", "region_boxes", "region_anchorable",
+                                                  "word_of", "region_of", "present")}
+        inputs["swapped"] = present & jax.random.bernoulli(swap_rng, cfg.swap_fraction, present.shape)  # [B, C]
+        totals = {"examples": jnp.float32(present.shape[0]), "present": _count(present),
+                  "swapped": _count(inputs["swapped"])}
+        if cfg.mlm.weight > 0:
+            tokens, embed_mask, predict = mlm_mask(mlm_rng, batch["text"], cfg.mlm, self.config.model.text.vocab_size)
+            inputs.update(mlm_tokens=tokens, mlm_embed_mask=embed_mask, mlm_predict=predict)
+            totals["mlm"] = _count(predict)
+        return inputs, totals
+
+    def example_terms(self, params, extra, batch, embeddings, inputs, totals):
+        """Anchor alignment, AMC and MLM of these rows (AMC's and MLM's prompts through the unified encoder in one
+        pass), each divided by its global count so micro-batches add up to the whole batch."""
+        del extra
+        cfg = self.cfg
+        found = {"features": embeddings["regions"], "boxes": inputs["region_boxes"], "mask": inputs["region_mask"]}
+        text, text_mask = embeddings["tokens"], inputs["text_mask"]
+        word_of, region_of, present = inputs["word_of"], inputs["region_of"], inputs["present"]
+        loss, metrics = jnp.float32(0.0), {}
         if cfg.anchors.align_weight > 0:
-            align, align_acc = anchor_alignment(word_of, region_of, present, word_vecs, region_vecs,
-                                                region_anchorable, cfg.anchors.align_temperature)
-            total += cfg.anchors.align_weight * align
+            align, align_acc = anchor_alignment(word_of, region_of, present, embeddings["word_vecs"],
+                                                embeddings["region_vecs"], inputs["region_anchorable"],
+                                                cfg.anchors.align_temperature, totals["present"])
+            loss += cfg.anchors.align_weight * align
             metrics.update({"align_loss": align, "align_accuracy": align_acc})
-
-        # The unified encoder runs once over every prompt the terms need, stacked along the batch.
         prompts, readers = [], []
         if cfg.amc.weight > 0:
             prompt, read = self.amc_prompt(params, text, text_mask, found, batch["text"], word_of, region_of,
-                                           present, swap_rng)
+                                           present, inputs["swapped"], totals)
             prompts.append(prompt)
             readers.append(lambda hidden, read=read: _weighted(cfg.amc.weight, *read(hidden)))
-        if cfg.itm.weight > 0:
-            prompt, read = self.itm_prompt(image, text_emb, logit_scale, text, text_mask, found, mine_rng)
-            prompts.append(prompt)
-            readers.append(lambda hidden, read=read: _weighted(cfg.itm.weight, *read(params, hidden)))
         if cfg.mlm.weight > 0:
-            prompts.append(plain_prompt(encoded[1][size:], encoded[2][size:], found))
-            readers.append(lambda hidden: _weighted(cfg.mlm.weight, *self.mlm_read(params, hidden, batch["text"],
-                                                                                   predict)))
+            _, masked, masked_mask, _ = self.apply(params, "encode_text", inputs["mlm_tokens"],
+                                                   inputs["mlm_embed_mask"])
+            prompts.append(plain_prompt(masked, masked_mask, found))
+            readers.append(lambda hidden: _weighted(cfg.mlm.weight, *self.mlm_read(
+                params, hidden, batch["text"], inputs["mlm_predict"], totals["mlm"])))
         if prompts:
             stacked = {key: jnp.concatenate([prompt[key] for prompt in prompts]) for key in prompts[0]}
             hidden = self.apply(params, "fuse_prompt", stacked)
@@ -250,18 +293,49 @@ class CmalMethod(Method):
                 rows = prompt["text"].shape[0]
                 term, term_metrics = read(hidden[start : start + rows])
                 start += rows
-                total += term
+                loss += term
                 metrics.update(term_metrics)
-        return total, (metrics, extra)
+        return loss, metrics
 
-    def mlm_read(self, params, hidden, tokens, predict):
+    def matching(self, params, embeddings, constants, logit_scale, rng):
+        """Image-text matching on the unified encoder: B positives, each image with a mined hard negative text and
+        each text with a mined hard negative image; 2-way cross-entropy over the 3B pairs. With micro-batches the
+        pairs run in as many interleaved parts under jax.checkpoint, so one part's activations are live at a time."""
+        negative_text, negative_image = mine_hard_negatives(embeddings["image"], embeddings["text"], logit_scale,
+                                                            self.mesh, rng, self.cfg.itm.mining == "sample")
+        text, text_mask = embeddings["tokens"], constants["text_mask"]
+        found = {"features": embeddings["regions"], "boxes": constants["region_boxes"],
+                 "mask": constants["region_mask"]}
+        # [3, B, ...]: (image i, text i), (image i, its negative text), (i's negative image, text i)
+        pairs = {"text": jnp.stack([text, jnp.take(text, negative_text, axis=0), text]),
+                 "text_mask": jnp.stack([text_mask, jnp.take(text_mask, negative_text, axis=0), text_mask]),
+                 "found": {key: jnp.stack([value, value, jnp.take(value, negative_image, axis=0)])
+                           for key, value in found.items()}}
+
+        def logits_of(pairs):  # [3, b, ...] -> [3, b, 2]
+            flat = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), pairs)
+            prompt = plain_prompt(flat["text"], flat["text_mask"], flat["found"])
+            return self.apply(params, "match", self.apply(params, "fuse_prompt", prompt)).reshape(3, -1, 2)
+
+        parts = self.config.train.get("microbatches", 1)
+        if parts > 1:
+            split = jax.tree.map(lambda x: jnp.swapaxes(split_rows(jnp.swapaxes(x, 0, 1), parts), 1, 2), pairs)
+            logits = jnp.swapaxes(merge_rows(jnp.swapaxes(jax.lax.map(jax.checkpoint(logits_of), split), 1, 2)),
+                                  0, 1)
+        else:
+            logits = logits_of(pairs)
+        labels = jnp.zeros(logits.shape[:2], jnp.int32).at[0].set(1)  # [3, B]: only the first row matches
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, {"itm_loss": loss, "itm_accuracy": (jnp.argmax(logits, -1) == labels).mean()}
+
+    def mlm_read(self, params, hidden, tokens, predict, total):
         logits = self.apply(params, "predict_words", hidden[:, : tokens.shape[1]])
-        loss, accuracy = masked_cross_entropy(logits, tokens, predict)
+        loss, accuracy = masked_cross_entropy(logits, tokens, predict, total)
         return loss, {"mlm_loss": loss, "mlm_accuracy": accuracy}
 
-    def amc_prompt(self, params, text, text_mask, found, tokens, word_of, region_of, present, rng):
-        """The associative prompt (a sampled share of anchors swapped), and how AMC reads the unified encoder."""
-        swapped = present & jax.random.bernoulli(rng, self.cfg.swap_fraction, present.shape)  # [b, C]
+    def amc_prompt(self, params, text, text_mask, found, tokens, word_of, region_of, present, swapped, totals):
+        """The associative prompt (the `swapped` anchors [b, C] exchanged), and how AMC reads the unified encoder;
+        its loss and metrics are divided by the global batch's `totals`."""
         word_share = word_of / jnp.maximum(word_of.sum(-1, keepdims=True), 1)  # [b, C, L] mean over its tokens
         region_feature = jnp.einsum("bcr,brd->bcd", region_of, found["features"])  # [b, C, wv]
         word_feature = jnp.einsum("bcl,bld->bcd", word_share, text)  # [b, C, wt]
@@ -277,15 +351,15 @@ class CmalMethod(Method):
             hidden_words = jnp.einsum("bcl,blw->bcw", word_share, hidden[:, :length])  # [b, C, W]
             hidden_regions = jnp.einsum("bcr,brw->bcw", region_of.astype(hidden.dtype), hidden[:, length:])
             rows = swapped.astype(jnp.float32)
-            count = jnp.maximum(rows.sum(), 1.0)
+            count = totals["swapped"]
             labels = jnp.broadcast_to(jnp.arange(swapped.shape[1]), swapped.shape)
-            metrics = {"amc/swapped_per_example": rows.sum(1).mean(),
+            metrics = {"amc/swapped_per_example": rows.sum() / totals["examples"],
                        "amc/chance": (rows / jnp.maximum(present.sum(1, keepdims=True), 1)).sum() / count}
             if self.cfg.amc.target == "word":
                 first_token = jnp.argmax(word_of, axis=-1)  # [b, C]
                 targets = jnp.take_along_axis(tokens, first_token, axis=1)
                 logits = self.apply(params, "predict_words", hidden_words)
-                loss, accuracy = masked_cross_entropy(logits, targets, swapped)
+                loss, accuracy = masked_cross_entropy(logits, targets, swapped, count)
                 return loss, {**metrics, "amc_loss": loss, "amc_accuracy": accuracy}
             candidates = present[:, None, :]
             scores = functools.partial(self.apply, params, "amc_scores")
@@ -299,25 +373,6 @@ class CmalMethod(Method):
             return loss, {**metrics, "amc_loss": loss, "amc_accuracy": accuracy}
 
         return prompt, read
-
-    def itm_prompt(self, image, text_emb, logit_scale, text, text_mask, found, rng):
-        """Matching on the unified encoder: B positives, each image with a mined hard negative text and each text
-        with a mined hard negative image; 2-way cross-entropy over the 3B pairs."""
-        negative_text, negative_image = mine_hard_negatives(image, text_emb, logit_scale, self.mesh, rng,
-                                                            self.cfg.itm.mining == "sample")
-        texts = jnp.concatenate([text, jnp.take(text, negative_text, axis=0), text])
-        masks = jnp.concatenate([text_mask, jnp.take(text_mask, negative_text, axis=0), text_mask])
-        images = {key: jnp.concatenate([value, value, jnp.take(value, negative_image, axis=0)])
-                  for key, value in found.items()}
-        size = text.shape[0]
-
-        def read(params, hidden):
-            logits = self.apply(params, "match", hidden)  # [3B, 2]
-            labels = jnp.concatenate([jnp.ones(size, jnp.int32), jnp.zeros(2 * size, jnp.int32)])
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return loss, {"itm_loss": loss, "itm_accuracy": (jnp.argmax(logits, -1) == labels).mean()}
-
-        return plain_prompt(texts, masks, images), read
 
 
 def plain_prompt(text, text_mask, found) -> dict[str, jax.Array]:
@@ -361,27 +416,32 @@ def mine_hard_negatives(image, text, logit_scale, mesh, rng, sample: bool) -> tu
         image, text, jax.lax.stop_gradient(logit_scale), rng)
 
 
-def anchor_alignment(word_of, region_of, present, word_vecs, region_vecs, region_valid, temperature):
+def anchor_alignment(word_of, region_of, present, word_vecs, region_vecs, region_valid, temperature, count):
     """Word→region InfoNCE in the hypersphere spaces: each present anchor's word (mean of its token vectors)
-    against every valid region of its example; -> (loss, top-1 accuracy)."""
+    against every valid region of its example; -> (loss, top-1 accuracy), sums over the anchors divided by `count`
+    (the global batch's present anchors)."""
     share = word_of / jnp.maximum(word_of.sum(-1, keepdims=True), 1)
     words = jnp.einsum("bcl,ble->bce", share, word_vecs)  # [b, C, e]
     logits = jnp.einsum("bce,bre->bcr", words, region_vecs) / temperature
     logits = jnp.where(region_valid[:, None, :], logits, -1e9)
     labels = jnp.argmax(region_of, axis=-1)  # [b, C]
     rows = present.astype(jnp.float32)
-    count = jnp.maximum(rows.sum(), 1.0)
     loss = (optax.softmax_cross_entropy_with_integer_labels(logits, labels) * rows).sum() / count
     accuracy = ((jnp.argmax(logits, -1) == labels) * rows).sum() / count
     return loss, accuracy
 
 
-def masked_cross_entropy(logits, targets, positions) -> tuple[jax.Array, jax.Array]:
-    """Mean cross-entropy and top-1 accuracy over the positions marked in `positions` (bool, targets' shape)."""
+def masked_cross_entropy(logits, targets, positions, total) -> tuple[jax.Array, jax.Array]:
+    """Cross-entropy and top-1 accuracy summed over the positions marked in `positions` (bool, targets' shape) and
+    divided by `total` (the global batch's count of such positions: the sums of micro-batches add up)."""
     weights = positions.astype(jnp.float32)
-    total = jnp.maximum(weights.sum(), 1.0)
     loss = (optax.softmax_cross_entropy_with_integer_labels(logits, targets) * weights).sum() / total
     return loss, ((jnp.argmax(logits, -1) == targets) * weights).sum() / total
+
+
+def _count(marked: jax.Array) -> jax.Array:
+    """How many entries are marked, at least 1 (a term's normaliser)."""
+    return jnp.maximum(marked.astype(jnp.float32).sum(), 1.0)
 
 
 def eval_boxes(size: int, max_boxes: int) -> tuple[jax.Array, jax.Array]:

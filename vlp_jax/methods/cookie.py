@@ -325,10 +325,10 @@ class CookieMethod(Method):
         return {side: jax.lax.stop_gradient(self.teacher_embedding(
             side, params, advanced, batch.get(VIEW_FEATURES[side], batch[SIDES[side]]))) for side in self.terms[1:]}
 
-    def embedding_loss(self, params, embeddings, constants, extra, step):
+    def embedding_loss(self, params, embeddings, constants, extra, rng, step):
         """The cross-modal term and each side's student-teacher term over the global batch (the frozen teachers'
         adapters are trained here); the momentum student advances once a step."""
-        del step
+        del rng, step
         weights = self.cfg.weights
         scales = self.apply(self.student(params), "logit_scales")
         blocks = contrastive_blocks(self.config.train)

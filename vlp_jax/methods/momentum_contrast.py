@@ -58,7 +58,7 @@ class MomentumContrastMethod(Method):
         similarity = jnp.sum(constants["image_keys"] * constants["text_keys"], axis=-1)  # [B]
         return momentum.adaptive_filter(extra["filter"], similarity, step, self.cfg.amf)
 
-    def embedding_loss(self, params, embeddings, constants, extra, step):
+    def embedding_loss(self, params, embeddings, constants, extra, rng, step):
         """The instance-level term over the global batch (and queue), with the AMF weights; the EMA, the filter's
         statistics and the queue advance here."""
         cfg = self.cfg

@@ -37,8 +37,8 @@ class SiglipMethod(ClipMethod):
         params["bias"] = self.bias.init(rng)["params"]
         return params, {}
 
-    def embedding_loss(self, params, embeddings, constants, extra, step):
-        del constants, step
+    def embedding_loss(self, params, embeddings, constants, extra, rng, step):
+        del constants, rng, step
         scale = self.logit_scale(params)
         bias = self.bias.apply({"params": params["bias"]})
         result = sigmoid_loss(embeddings["image"], embeddings["text"], scale, bias, self.mesh,
