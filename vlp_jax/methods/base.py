@@ -100,11 +100,13 @@ class Method:
         return image_text_example(config)
 
     # -- exact gradient accumulation (config.train.microbatches) -------------------------------------------------
-    # A method whose loss is a function of per-example embeddings (CLIP, SigLIP, BriVL, COTS, COOKIE) implements
+    # A method whose loss is a function of per-example outputs (CLIP, SigLIP, BriVL, COTS, COOKIE, CMAL) implements
     # `embed` and `embedding_loss` (and `embed_constants` for per-example outputs without gradient, such as momentum
-    # keys), and per-example terms (COTS's MLM and MVM) as `example_inputs` + `example_terms`; the default `loss`
-    # combines them and `loss_and_grads` computes the global batch's exact gradient one micro-batch of activations
-    # at a time.
+    # keys), and per-example terms (COTS's MLM and MVM, CMAL's AMC) as `example_inputs` + `example_terms`; the
+    # default `loss` combines them and `loss_and_grads` computes the global batch's exact gradient one micro-batch
+    # of activations at a time. A term that pairs an example with another one (CMAL's hard negatives) belongs in
+    # `embedding_loss`, on outputs as fine as it needs (token and region features): its gradient then reaches the
+    # other example's micro-batch.
     def embed(self, params: PyTree, batch: Batch) -> dict[str, jax.Array]:
         """Per-example outputs [b, ...] of the trainable forward pass whose gradient `loss_and_grads` accumulates."""
         raise NotImplementedError
