@@ -6,6 +6,7 @@ means changing this table or `config.mesh`, never the model code.
 """
 
 import contextlib
+import functools
 import math
 
 import flax.linen as nn
@@ -117,25 +118,108 @@ def gather_batch(x: jax.Array) -> jax.Array:
     return jax.lax.all_gather(x, BATCH_AXES, axis=0, tiled=True)
 
 
-def ring_over_batch(rows: jax.Array, visit, carry):
-    """Inside shard_map: `carry = visit(carry, block, first_row)` for every replica's `rows` [b, ...] in turn, this
-    replica's own first, where `first_row` is the block's first row in the gathered batch (`gather_batch` order).
-    Instead of gathering them, the blocks travel round the ring of the batch axes with `ppermute`, one hop per
-    replica: a replica holds its own block and one visitor, never the whole batch (the backward pass sends the
-    blocks' gradients back the other way round the ring)."""
-    replicas = jax.lax.axis_size(BATCH_AXES)
-    me, local = replica_index(), rows.shape[0]
-    forward = [(i, (i + 1) % replicas) for i in range(replicas)]
+def ring_over_batch(rows: jax.Array, visit, carry, *operands):
+    """Inside shard_map: `carry = visit(carry, block, first_row, *operands)` for every replica's `rows` [b, ...] in
+    turn, this replica's own first, where `first_row` is the block's first row in the gathered batch
+    (`gather_batch` order). Instead of gathering them, the blocks travel round the ring of the batch axes with
+    `ppermute`, one hop per replica: a replica holds its own block and one visitor, never the whole batch.
 
-    def first_row(h):  # after h hops a replica holds replica (me - h)'s rows
-        return ((me - h) % replicas) * local
+    Differentiable in `rows`, `carry` and `operands` (what `visit` reads besides the block: pass every array
+    there, `visit` itself must close over nothing traced). The backward pass is ours, Inf-CL's scheme: it keeps only
+    the carries entering each hop (small: per-row statistics) and sends the blocks round the ring again the other
+    way, each with its gradient accumulating as it goes, which arrives home with it. So the backward pass too holds
+    one visiting block at a time, O(b) where autodiff of the loop keeps every hop's block, O(B)."""
+    varying = tuple(_varying(operand) for operand in operands)
+    return _ring(visit, rows, carry, varying)
+
+
+def _varying(x: jax.Array) -> jax.Array:
+    """`x` typed as varying over the batch axes (its cotangent may then differ per replica; autodiff sums it)."""
+    aval = jax.typeof(x)
+    kind = getattr(aval, "manual_axis_type", None)  # jax 0.10; earlier releases call the set `vma`
+    already = set(kind.varying) if kind is not None else set(getattr(aval, "vma", ()))
+    missing = tuple(axis for axis in BATCH_AXES if axis not in already)
+    if not jnp.issubdtype(x.dtype, jnp.inexact) or not missing:
+        return x
+    return jax.lax.pcast(x, missing, to="varying")
+
+
+def _first_row(hops: jax.Array, local: int) -> jax.Array:
+    """After `hops` hops forward a replica holds replica (me - hops)'s rows: their first row in the batch."""
+    replicas = jax.lax.axis_size(BATCH_AXES)
+    return ((replica_index() - hops) % replicas) * local
+
+
+def _ring_forward(visit, rows, carry, operands):
+    """(the final carry, the carries entering each hop stacked [R, ...]): ring_over_batch's loop."""
+    replicas, local = jax.lax.axis_size(BATCH_AXES), rows.shape[0]
+    forward = [(i, (i + 1) % replicas) for i in range(replicas)]
 
     def hop(state, h):
         carry, block = state
-        return (visit(carry, block, first_row(h)), jax.lax.ppermute(block, BATCH_AXES, forward)), None
+        moved = jax.lax.ppermute(block, BATCH_AXES, forward)
+        return (visit(carry, block, _first_row(h, local), *operands), moved), carry
 
-    (carry, block), _ = jax.lax.scan(hop, (carry, rows), jnp.arange(replicas - 1))
-    return visit(carry, block, first_row(replicas - 1))
+    (carry, block), entering = jax.lax.scan(hop, (carry, rows), jnp.arange(replicas - 1))
+    last = visit(carry, block, _first_row(replicas - 1, local), *operands)
+    return last, jax.tree.map(lambda stack, final: jnp.concatenate([stack, final[None]]), entering, carry)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring(visit, rows, carry, operands):
+    return _ring_forward(visit, rows, carry, operands)[0]
+
+
+def _ring_fwd(visit, rows, carry, operands):
+    last, entering = _ring_forward(visit, rows, carry, operands)
+    return last, (rows, operands, entering)
+
+
+def _is_float(x) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def _ring_bwd(visit, residuals, cotangent):
+    rows, operands, entering = residuals
+    replicas, local = jax.lax.axis_size(BATCH_AXES), rows.shape[0]
+    backward = [(i, (i - 1) % replicas) for i in range(replicas)]
+    carry_leaves, carry_tree = jax.tree.flatten(jax.tree.map(lambda stack: stack[0], entering))
+    operand_leaves, operand_tree = jax.tree.flatten(operands)
+
+    def floats(leaves, like):  # the float cotangents only (integers have none): what the loop carries
+        return [leaf for leaf, primal in zip(leaves, like, strict=True) if _is_float(primal)]
+
+    def full(float_leaves, like, tree):  # and back, with float0 zeros for the integers
+        it = iter(float_leaves)
+        return jax.tree.unflatten(tree, [next(it) if _is_float(primal) else np.zeros(primal.shape, jax.dtypes.float0)
+                                         for primal in like])
+
+    def pull(h, d_carry, block):
+        """The cotangents of (the carry entering hop h, its block, the operands) from the carry's leaving it."""
+        carry = jax.tree.map(lambda stack: stack[h], entering)
+        _, vjp = jax.vjp(lambda c, b, ops: visit(c, b, _first_row(h, local), *ops), carry, block, operands)
+        d_entering, d_block, d_operands = vjp(full(d_carry, carry_leaves, carry_tree))
+        return (floats(jax.tree.leaves(d_entering), carry_leaves), d_block,
+                floats(jax.tree.leaves(d_operands), operand_leaves))
+
+    def step(state, h):  # hop h in reverse: this replica holds replica (me - h)'s block and its gradient so far
+        d_carry, block, d_block, d_operands = state
+        d_carry, d_visit, d_ops = pull(h, d_carry, block)
+        d_block, d_operands = d_block + d_visit, [a + b for a, b in zip(d_operands, d_ops, strict=True)]
+        send = functools.partial(jax.lax.ppermute, axis_name=BATCH_AXES, perm=backward)
+        return (d_carry, send(block), send(d_block), d_operands), None
+
+    start = (floats(jax.tree.leaves(cotangent), carry_leaves),
+             jax.lax.ppermute(rows, BATCH_AXES, backward),  # the last hop's block: replica me - (R - 1)'s
+             jnp.zeros_like(rows), [jnp.zeros_like(leaf) for leaf in floats(operand_leaves, operand_leaves)])
+    (d_carry, block, d_block, d_operands), _ = jax.lax.scan(step, start, jnp.arange(replicas - 1, 0, -1))
+    d_carry, d_visit, d_ops = pull(0, d_carry, block)  # home: its own block, every replica's gradient gathered
+    d_operands = [a + b for a, b in zip(d_operands, d_ops, strict=True)]
+    return (d_block + d_visit, full(d_carry, carry_leaves, carry_tree),
+            full(d_operands, operand_leaves, operand_tree))
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def replica_index() -> jax.Array:

@@ -17,9 +17,9 @@ column blocks of `chunk` with an online log-sum-exp (`blocked_log_sum_exp`), eac
 backward pass, so the loss's memory is O(b × chunk) — the same loss and gradients. `ring` (config.train.
 contrastive_ring) never gathers the keys either: each replica's block of keys travels round the ring of replicas
 (`ppermute`, Inf-CL's and SigLIP's ring), so the collectives are R − 1 neighbour sends of b × d instead of one
-all-gather of B × d, which XLA can overlap with the scoring of the block at hand. [ours] The backward pass keeps
-each hop's visiting block (B × d over the ring, as the gather does); Inf-CL's hand-written backward, which sends
-the blocks round again instead, is not done.
+all-gather of B × d, which XLA can overlap with the scoring of the block at hand. Its backward pass (ours, Inf-CL's
+scheme: parallel.ring_over_batch) sends the blocks round again, each with its gradient, instead of keeping every
+hop's block: a replica holds O(b × d) of keys in both passes.
 """
 
 import functools
@@ -80,7 +80,7 @@ def ring_log_sum_exp(queries: jax.Array, keys: jax.Array, scale: jax.Array, chun
     blocked_log_sum_exp, the per-block results merged online. Ties go to the first column, as in the gathered
     order."""
 
-    def visit(carry, block, first_row):
+    def visit(carry, block, first_row, queries, scale):
         lse, best, best_index = carry
         block_lse, block_best, block_index = blocked_log_sum_exp(queries, block, scale, chunk or block.shape[0])
         block_index = first_row + block_index
@@ -89,8 +89,8 @@ def ring_log_sum_exp(queries: jax.Array, keys: jax.Array, scale: jax.Array, chun
                 jnp.where(better, block_index, best_index))
 
     zero = jax.lax.stop_gradient(queries[:, 0]) * 0  # [b], varying over the replicas like the carry
-    lse, _, best_index = ring_over_batch(keys, visit, (zero + 2 * MASKED_LOGIT, zero + 2 * MASKED_LOGIT,
-                                                       zero.astype(jnp.int32)))
+    start = (zero + 2 * MASKED_LOGIT, zero + 2 * MASKED_LOGIT, zero.astype(jnp.int32))
+    lse, _, best_index = ring_over_batch(keys, visit, start, queries, scale)
     return lse, best_index
 
 

@@ -70,7 +70,7 @@ def _local_sigmoid(images, texts, scale, bias, *, chunk, ring):
     labels = replica_index() * local + jnp.arange(local)
     if ring:  # the texts travel round the replicas instead of being gathered (parallel.ring_over_batch)
 
-        def visit(carry, block, first_row):
+        def visit(carry, block, first_row, images, labels, scale, bias):
             total, best, best_logit = carry
             # (a whole visiting block is still one rematerialised block: its logits are not kept for every hop)
             block_total, block_best, top = _score_texts(images, block.astype(jnp.float32), first_row, labels, scale,
@@ -78,7 +78,7 @@ def _local_sigmoid(images, texts, scale, bias, *, chunk, ring):
             better = (top > best_logit) | ((top == best_logit) & (block_best < best))  # ties: the first column
             return total + block_total, jnp.where(better, block_best, best), jnp.maximum(best_logit, top)
 
-        total, best, _ = ring_over_batch(texts, visit, _start(images))
+        total, best, _ = ring_over_batch(texts, visit, _start(images), images, labels, scale, bias)
     else:
         total, best, _ = _score_texts(images, gather_batch(texts).astype(jnp.float32), 0, labels, scale, bias, chunk)
     loss = -jax.lax.psum(total, BATCH_AXES) / total_rows
