@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from vlp_jax import capacity, cli, memory, methods, parallel, stages, step
+from vlp_jax import capacity, cli, host_memory, methods, parallel, stages, step
 from vlp_jax.data import benchmark as benchmark_data
 from vlp_jax.evaluate import benchmark as benchmark_retrieval
 from vlp_jax.flops import mfu
@@ -107,7 +107,7 @@ def loss_benchmark(run, state, batch, steps: int) -> float:
     parameters (`embedding_loss`: the all-gathered or blocked contrastive term), from the batch's real embeddings:
     the loss's share of the step."""
     method = run.method
-    memory.release_host_memory()  # the step's freed buffers, before these programs compile and run beside them
+    host_memory.release_host_memory()  # the step's freed buffers, before these programs compile and run beside them
     with parallel.mesh_context(run.mesh):
         embeddings = jax.jit(method.embed)(state.params, batch)
         constants = jax.jit(method.embed_constants)(state.params, state.extra, batch, state.step)

@@ -139,7 +139,7 @@ def _varying(x: jax.Array) -> jax.Array:
     kind = getattr(aval, "manual_axis_type", None)  # jax 0.10; earlier releases call the set `vma`
     already = set(kind.varying) if kind is not None else set(getattr(aval, "vma", ()))
     missing = tuple(axis for axis in BATCH_AXES if axis not in already)
-    if not jnp.issubdtype(x.dtype, jnp.inexact) or not missing:
+    if not _is_float(x) or not missing:
         return x
     return jax.lax.pcast(x, missing, to="varying")
 

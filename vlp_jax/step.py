@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from vlp_jax import flops, memory, methods, parallel, stages
+from vlp_jax import flops, host_memory, memory, methods, parallel, stages
 from vlp_jax.checkpoint import CheckpointError, load_params
 from vlp_jax.methods.base import Feature, LoadedRun, Pretrained
 from vlp_jax.optimizer import learning_rate_schedule, make_optimizer
@@ -175,11 +175,11 @@ def compile_step(run: Setup, batch, config: ml_collections.ConfigDict):
 
     Returns (compiled step, memory estimate, model FLOPs per step as counted from the step's own program).
     """
-    memory.release_host_memory()  # the state's init programs' compile memory, before the step's compile
+    host_memory.release_host_memory()  # the state's init programs' compile memory, before the step's compile
     with parallel.mesh_context(run.mesh):
         lowered = run.train_step.lower(run.state, batch)
         compiled = lowered.compile()
     step_flops = flops.step_flops(lowered, config)
     estimate = memory.check_fits(compiled, config.train.device_memory_bytes)
-    memory.release_host_memory()  # the compiler's freed memory back to the OS before the step's buffers
+    host_memory.release_host_memory()  # the compiler's freed memory back to the OS before the step's buffers
     return compiled, estimate, step_flops
