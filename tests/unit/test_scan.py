@@ -162,3 +162,36 @@ def test_our_xla_attention_equals_jax_dot_product_attention(dtype, masking):
     np.testing.assert_allclose(value, value_ref, **tolerance)
     for grad, grad_ref in zip(grads, grads_ref, strict=True):
         np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(grad_ref, np.float32), **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("widths", [(24, 8), (8, 24), (16, 16)])
+def test_token_matmul_gives_the_plain_product_and_its_gradients(dtype, widths):
+    """layers.matmul (a dense layer's product whose kernel gradient is laid out for XLA CPU) equals `x @ w` in value
+    and in the gradients of x and w, for inputs wider, narrower and as wide as the outputs; nn.Dense through
+    layers.dense_dot_general likewise, jitted."""
+    assert jax.default_backend() == "cpu"  # the rearranged gradient is the CPU path
+    rng = np.random.default_rng(2)
+    inputs, outputs = widths
+    x = jnp.asarray(rng.normal(size=(3, 5, inputs)), dtype)
+    w = jnp.asarray(rng.normal(size=(inputs, outputs)), dtype)
+    cotangent = jnp.asarray(rng.normal(size=(3, 5, outputs)), jnp.float32)
+
+    def objective(product):
+        return lambda x, w: (product(x, w).astype(jnp.float32) * cotangent).sum()
+
+    tolerance = dict(rtol=2e-2, atol=5e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    ours = jax.jit(jax.value_and_grad(objective(layers.matmul), argnums=(0, 1)))(x, w)
+    reference = jax.value_and_grad(objective(lambda x, w: x @ w), argnums=(0, 1))(x, w)
+    for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tolerance)
+
+    def dense(dot_general):
+        return nn.Dense(outputs, dtype=dtype, dot_general=dot_general)
+
+    params = dense(None).init(jax.random.PRNGKey(0), x)
+    got = jax.jit(jax.grad(lambda p: objective(lambda x, _: dense(layers.dense_dot_general).apply(p, x))(x, w)))(params)
+    want = jax.grad(lambda p: objective(lambda x, _: dense(None).apply(p, x))(x, w))(params)
+    for leaf, leaf_ref in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(leaf, np.float32), np.asarray(leaf_ref, np.float32), **tolerance)

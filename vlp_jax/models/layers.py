@@ -22,6 +22,59 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     return nn.with_logical_constraint(x, names)
 
 
+def _weight_gradient(inputs: jax.Array, grads: jax.Array) -> jax.Array:
+    """inputs [n, i]^T @ grads [n, o] -> [i, o], the weight gradient of a token-wise dense layer, arranged for XLA
+    CPU: the narrower operand is transposed into a materialised [min(i, o), n] block that leads the product, and the
+    result is transposed at the end where needed. XLA CPU runs a dot whose contracting dimension leads both
+    operands (autodiff's form) at about half the speed of [m, n] @ [n, o], and its simplifier folds explicit
+    transposes back into that form; the optimisation barriers keep them. Measured on this 2-core CPU, one core:
+    [8320, 512]^T @ [8320, 128] 19.9 ms as autodiff leaves it, 12.3 ms as [128, 8320] @ [8320, 512] (incl. the
+    transpose); the tiny CLIP's MLP forward and backward 0.81x the time."""
+    if inputs.shape[1] > grads.shape[1]:
+        transposed = jax.lax.optimization_barrier(grads.T) @ inputs  # [o, i]
+        return jax.lax.optimization_barrier(transposed).T
+    if inputs.shape[1] < grads.shape[1]:
+        return jax.lax.optimization_barrier(inputs.T) @ grads
+    return jnp.einsum("ni,no->io", inputs, grads)
+
+
+@jax.custom_vjp
+def _token_matmul(inputs: jax.Array, kernel: jax.Array) -> jax.Array:
+    return inputs @ kernel
+
+
+def _token_matmul_forward(inputs, kernel):
+    return inputs @ kernel, (inputs, kernel)
+
+
+def _token_matmul_backward(saved, grads):
+    inputs, kernel = saved
+    weight_grad = _weight_gradient(inputs.reshape(-1, inputs.shape[-1]), grads.reshape(-1, grads.shape[-1]))
+    return grads @ kernel.T, weight_grad.astype(kernel.dtype)
+
+
+_token_matmul.defvjp(_token_matmul_forward, _token_matmul_backward)
+
+
+def matmul(inputs: jax.Array, kernel: jax.Array) -> jax.Array:
+    """inputs [..., i] @ kernel [i, o]: a dense layer's product over many tokens. The same values and gradients as
+    `inputs @ kernel`; on the CPU backend the kernel's gradient is computed in the layout XLA CPU runs fastest
+    (`_weight_gradient`), elsewhere (cuBLAS and TPU take any operand layout) it is plain autodiff."""
+    if jax.default_backend() != "cpu" or inputs.ndim < 2:
+        return inputs @ kernel
+    return _token_matmul(inputs, kernel)
+
+
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """lax.dot_general for nn.Dense (its `dot_general` argument): `matmul` for the product nn.Dense makes (the
+    input's last axis with the kernel's first, no batch axes, default precision), lax.dot_general otherwise."""
+    (contract_lhs, contract_rhs), batch = dimension_numbers
+    if (tuple(contract_lhs) == (lhs.ndim - 1,) and tuple(contract_rhs) == (0,) and batch == ((), ())
+            and rhs.ndim == 2 and precision is None and preferred_element_type is None):
+        return matmul(lhs, rhs)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+
+
 def dense(
     features: int, names: tuple[str | None, str | None], dtype: Dtype, name: str,
     kernel_init: Callable | None = None,
@@ -33,6 +86,7 @@ def dense(
         dtype=dtype,
         kernel_init=partitioned(kernel_init or nn.initializers.lecun_normal(), names),
         bias_init=partitioned(nn.initializers.zeros, (names[1],)),
+        dot_general=dense_dot_general,
         name=name,
     )
 
@@ -88,6 +142,7 @@ class MlpBlock(nn.Module):
             dtype=self.dtype,
             kernel_init=partitioned(nn.initializers.xavier_uniform(), ("embed", "mlp")),
             bias_init=partitioned(nn.initializers.zeros, ("mlp",)),
+            dot_general=dense_dot_general,
             name="fc1",
         )(x)
         x = constrain(activation_fn(self.activation)(x), ("batch", "act_len", "act_mlp"))
@@ -96,6 +151,7 @@ class MlpBlock(nn.Module):
             dtype=self.dtype,
             kernel_init=partitioned(nn.initializers.xavier_uniform(), ("mlp", "embed")),
             bias_init=partitioned(nn.initializers.zeros, ("embed",)),
+            dot_general=dense_dot_general,
             name="fc2",
         )(x)
 
@@ -190,9 +246,9 @@ class SelfAttention(nn.Module):
             kernel = self.param(name, partitioned(init, ("embed", "heads", "kv")), (width, self.heads, head_dim))
             bias = self.param(f"{name}_bias", partitioned(nn.initializers.zeros, ("heads", "kv")),
                               (self.heads, head_dim))
-            y = jnp.einsum(f"btd,dhk->{layout}", x.astype(self.dtype), kernel.astype(self.dtype))
-            bias = bias.astype(self.dtype)
-            return constrain(y + (bias if layout == "bthk" else bias[:, None]), names)
+            y = matmul(x.astype(self.dtype), kernel.reshape(width, width).astype(self.dtype))
+            y = (y + bias.reshape(width).astype(self.dtype)).reshape(*x.shape[:2], self.heads, head_dim)
+            return constrain(y if layout == "bthk" else y.transpose(0, 2, 1, 3), names)
 
         query, key, value = project("query"), project("key"), project("value")
         masking = attention_arguments(mask, self.causal, implementation == "cudnn", x.shape[1])
@@ -203,7 +259,10 @@ class SelfAttention(nn.Module):
         out_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1), out_axis=2)
         kernel = self.param("out", partitioned(out_init, ("heads", "kv", "embed")), (self.heads, head_dim, width))
         bias = self.param("out_bias", partitioned(nn.initializers.zeros, ("embed",)), (width,))
-        return jnp.einsum(f"{layout},hkd->btd", y, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+        if layout == "bhtk":
+            y = y.transpose(0, 2, 1, 3)
+        y = matmul(y.reshape(*x.shape[:2], width), kernel.reshape(width, width).astype(self.dtype))
+        return y + bias.astype(self.dtype)
 
 
 class EncoderBlock(nn.Module):
