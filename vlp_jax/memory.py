@@ -60,8 +60,8 @@ def check_fits(compiled, available_bytes: int = 0) -> MemoryEstimate:
         raise MemoryError(
             f"The train step needs {format_bytes(estimate.per_device_bytes)} per device but only "
             f"{format_bytes(estimate.available_bytes)} are available. Lower --config.train.batch_size, set "
-            "--config.model.remat=full (recompute activations), or shard parameters and optimizer state with "
-            "--config.mesh.fsdp=<devices> (and --config.mesh.data=-1)."
+            "--config.model.remat=full with --config.model.scan_layers=True (recompute activations), or shard "
+            "parameters and optimizer state with --config.mesh.fsdp=<devices> (and --config.mesh.data=-1)."
         )
     return estimate
 

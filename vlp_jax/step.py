@@ -15,11 +15,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from jax.sharding import Mesh
 
 from vlp_jax import flops, host_memory, memory, methods, parallel, stages
 from vlp_jax.checkpoint import CheckpointError, load_params
 from vlp_jax.methods.base import Feature, LoadedRun, Pretrained
+from vlp_jax.models import layers
 from vlp_jax.optimizer import learning_rate_schedule, make_optimizer
 from vlp_jax.state import TrainState, create_train_state
 
@@ -30,6 +32,14 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     for key in ("steps", "log_every"):
         if config.train[key] <= 0:
             raise ValueError(f"config.train.{key}={config.train[key]} must be positive")
+    model = config.get("model") or {}
+    remat = model.get("remat", "none")
+    if jax.default_backend() == "cpu" and layers.remat_policy(remat)[0] and not model.get("scan_layers", False):
+        logging.warning(
+            "config.model.remat=%r saves no memory on the CPU backend with unrolled blocks: XLA CPU merges each "
+            "block's recomputation with its forward pass (the tiny CLIP's step keeps 690 MiB of temporaries either "
+            "way). Set --config.model.scan_layers=True with it (tiny CLIP, remat='dots': 391 MiB, peak RSS 0.82 "
+            "GiB instead of 1.16, the step 1.05x the time).", remat)
 
 
 def zeros_batch(example: dict[str, Feature], size: int = 1) -> dict[str, np.ndarray]:

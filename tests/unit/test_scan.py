@@ -2,6 +2,8 @@
 stack's loss and gradients with the same parameters, on one device and sharded; the attention kernel choice
 (config.model.attention) gives the masked attention."""
 
+import logging
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,7 @@ import pytest
 
 from configs import clip
 from tests.helpers import small_towers
-from vlp_jax import methods, parallel
+from vlp_jax import methods, parallel, step
 from vlp_jax.checkpoint import leaves_by_path
 from vlp_jax.models import layers
 
@@ -195,3 +197,30 @@ def test_token_matmul_gives_the_plain_product_and_its_gradients(dtype, widths):
     want = jax.grad(lambda p: objective(lambda x, _: dense(None).apply(p, x))(x, w))(params)
     for leaf, leaf_ref in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(leaf, np.float32), np.asarray(leaf_ref, np.float32), **tolerance)
+
+
+def temp_bytes(config):
+    mesh = mesh_of((1, 1, 1))
+    method = methods.build(config, mesh)
+    params, _ = nn.meta.unbox(jax.jit(method.init)(jax.random.PRNGKey(0), batch_of(config)))
+    with parallel.mesh_context(mesh):
+        batch = parallel.global_batch_from_local(batch_of(config, size=32), mesh)
+        grad = jax.jit(jax.grad(lambda p: method.loss(p, {}, batch, jax.random.PRNGKey(0), jnp.int32(0))[0]))
+        return grad.lower(params).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_remat_warns_where_it_saves_nothing_and_saves_with_scanned_blocks(caplog):
+    """On the CPU backend remat with unrolled blocks is refused nothing but warned about (XLA CPU merges the
+    recomputation with the forward pass); with scan_layers it lowers the compiled step's temporaries."""
+    mesh = mesh_of((1, 1, 1))
+    with caplog.at_level(logging.WARNING):
+        step.validate(config_of(scan=False, remat="full"), mesh)
+    assert "config.model.remat='full' saves no memory on the CPU backend" in caplog.text
+    assert "--config.model.scan_layers=True" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        step.validate(config_of(scan=True, remat="full"), mesh)
+        step.validate(config_of(scan=False), mesh)
+    assert "saves no memory" not in caplog.text
+    kept, recomputed = temp_bytes(config_of(scan=True)), temp_bytes(config_of(scan=True, remat="full"))
+    assert recomputed < 0.7 * kept, (recomputed, kept)
