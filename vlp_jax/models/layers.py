@@ -222,10 +222,11 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention; `mask` [b, t] is True at tokens that may be attended to (padding at the end), or
     [b, t_q, t_k] per query; `causal` adds a causal mask (CLIP's text tower).
 
-    Projections are explicit einsums over [embed, heads, kv] kernels (flax's DenseGeneral initialises a
-    flattened kernel, which cannot carry 3-axis logical partitioning). `attention` picks the kernel (ATTENTION):
-    cuDNN through jax.nn.dot_product_attention in the [b, t, h, k] layout it takes, XLA through
-    `softmax_attention` in the [b, h, t, k] layout the projections write directly.
+    The kernels are [embed, heads, kv] parameters (flax's DenseGeneral initialises a flattened kernel, which
+    cannot carry 3-axis logical partitioning); each projection is one `matmul` over the kernel viewed as
+    [embed, heads * kv]. `attention` picks the kernel (ATTENTION): cuDNN through jax.nn.dot_product_attention in
+    the [b, t, h, k] layout the projections give, XLA through `softmax_attention` in the [b, h, t, k] layout
+    (the projections' outputs transposed).
     """
 
     heads: int
