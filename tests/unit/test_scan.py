@@ -132,10 +132,12 @@ def test_attention_choices_resolve_by_dtype_head_dim_and_backend():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("masking", ["none", "padding+causal", "per-query with an empty row"])
-def test_our_xla_attention_equals_jax_dot_product_attention(dtype, masking):
-    """layers.softmax_attention (heads-major, the scale in the exponent, the normaliser on the output) is
-    jax.nn.dot_product_attention's attention: values and gradients of q, k and v agree, in float32 and bfloat16, with
-    padding, causal and per-query masks, a query with nothing to attend to included."""
+@pytest.mark.parametrize("ours_of", ["softmax_attention", "cpu vjp"])
+def test_our_xla_attention_equals_jax_dot_product_attention(dtype, masking, ours_of):
+    """layers.softmax_attention (heads-major, the scale in the exponent, the normaliser on the output) and the CPU
+    path's attention with its own VJP (layers.lean_attention, jitted) are jax.nn.dot_product_attention's attention:
+    values and gradients of q, k and v agree, in float32 and bfloat16, with padding, causal and per-query masks, a
+    query with nothing to attend to included."""
     rng = np.random.default_rng(1)
     b, t, h, d = 3, 7, 2, 8
     q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, d)), dtype) for _ in range(3))
@@ -155,11 +157,14 @@ def test_our_xla_attention_equals_jax_dot_product_attention(dtype, masking):
 
     def ours(q, k, v):  # [b, t, h, d] <-> the heads-major layout
         heads_major = [x.transpose(0, 2, 1, 3) for x in (q, k, v)]
-        y = layers.softmax_attention(*heads_major, mask).transpose(0, 2, 1, 3)
+        if ours_of == "cpu vjp":
+            y = layers.lean_attention(*heads_major, mask)  # gives [b, t, h, d]
+        else:
+            y = layers.softmax_attention(*heads_major, mask).transpose(0, 2, 1, 3)
         return (y.astype(jnp.float32) * cotangent).sum()
 
     tolerance = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
-    value, grads = jax.value_and_grad(ours, argnums=(0, 1, 2))(q, k, v)
+    value, grads = jax.jit(jax.value_and_grad(ours, argnums=(0, 1, 2)))(q, k, v)
     value_ref, grads_ref = jax.value_and_grad(reference, argnums=(0, 1, 2))(q, k, v)
     np.testing.assert_allclose(value, value_ref, **tolerance)
     for grad, grad_ref in zip(grads, grads_ref, strict=True):
