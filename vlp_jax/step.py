@@ -37,9 +37,9 @@ def validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     if jax.default_backend() == "cpu" and layers.remat_policy(remat)[0] and not model.get("scan_layers", False):
         logging.warning(
             "config.model.remat=%r saves no memory on the CPU backend with unrolled blocks: XLA CPU merges each "
-            "block's recomputation with its forward pass (the tiny CLIP's step keeps 690 MiB of temporaries either "
-            "way). Set --config.model.scan_layers=True with it (tiny CLIP, remat='dots': 391 MiB, peak RSS 0.82 "
-            "GiB instead of 1.16, the step 1.05x the time).", remat)
+            "block's recomputation with its forward pass (the tiny CLIP's step keeps 458 MiB of temporaries either "
+            "way). Set --config.model.scan_layers=True with it (tiny CLIP, remat='dots': 353 MiB, peak RSS 0.80 "
+            "GiB instead of 0.95, the step 1.0-1.1x the time on one core).", remat)
 
 
 def zeros_batch(example: dict[str, Feature], size: int = 1) -> dict[str, np.ndarray]:
