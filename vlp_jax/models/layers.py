@@ -83,8 +83,8 @@ def affine(inputs: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     summed from the same [tokens, o] view of the incoming gradient that the two products take. Where that gradient
     comes out of a transpose (the attention's query, key and value projections), autodiff's bias gradient reduces
     a second, separately transposed copy of it: on the tiny CLIP (see LayerNorm) the step takes 0.94-0.96x the time
-    on one core and 0.91-0.93x on 2 threads without it, alternated in one process. The MLP's and the output
-    projection's biases, whose gradients need no transpose, measured level and stay with nn.Dense."""
+    with this than without on one core and 0.91-0.93x on 2 threads, alternated in one process. The MLP's and the
+    output projection's biases, whose gradients need no transpose, measured level and stay with nn.Dense."""
     if jax.default_backend() != "cpu" or inputs.ndim < 2:
         return inputs @ kernel + bias
     return _token_affine(inputs, kernel, bias)
