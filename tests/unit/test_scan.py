@@ -175,7 +175,7 @@ def test_our_xla_attention_equals_jax_dot_product_attention(dtype, masking, ours
 @pytest.mark.parametrize("widths", [(24, 8), (8, 24), (16, 16)])
 def test_token_matmul_gives_the_plain_product_and_its_gradients(dtype, widths):
     """layers.matmul (a dense layer's product whose kernel gradient is laid out for XLA CPU) equals `x @ w` in value
-    and in the gradients of x and w, for inputs wider, narrower and as wide as the outputs; layers.affine equals
+    and in the gradients of x and w, for inputs wider, narrower and as wide as the outputs; with a bias it equals
     `x @ w + b` likewise (and b's gradient); nn.Dense through layers.dense_dot_general likewise, jitted."""
     assert jax.default_backend() == "cpu"  # the rearranged gradient is the CPU path
     rng = np.random.default_rng(2)
@@ -194,8 +194,8 @@ def test_token_matmul_gives_the_plain_product_and_its_gradients(dtype, widths):
         assert got.dtype == want.dtype
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tolerance)
 
-    bias = jnp.asarray(rng.normal(size=(outputs,)), dtype)  # layers.affine: the product and a bias
-    ours = jax.jit(jax.value_and_grad(lambda x, w, b: objective(lambda x, w: layers.affine(x, w, b))(x, w),
+    bias = jnp.asarray(rng.normal(size=(outputs,)), dtype)  # layers.matmul with a bias
+    ours = jax.jit(jax.value_and_grad(lambda x, w, b: objective(lambda x, w: layers.matmul(x, w, b))(x, w),
                                       argnums=(0, 1, 2)))(x, w, bias)
     reference = jax.value_and_grad(lambda x, w, b: objective(lambda x, w: x @ w + b)(x, w),
                                    argnums=(0, 1, 2))(x, w, bias)

@@ -43,60 +43,40 @@ def _weight_gradient(inputs: jax.Array, grads: jax.Array) -> jax.Array:
 
 
 @jax.custom_vjp
-def _token_matmul(inputs: jax.Array, kernel: jax.Array) -> jax.Array:
-    return inputs @ kernel
+def _token_matmul(inputs: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
+    product = inputs @ kernel
+    return product if bias is None else product + bias
 
 
-def _token_matmul_forward(inputs, kernel):
-    return inputs @ kernel, (inputs, kernel)
+def _token_matmul_forward(inputs, kernel, bias):
+    return _token_matmul(inputs, kernel, bias), (inputs, kernel, bias)
 
 
 def _token_matmul_backward(saved, grads):
-    inputs, kernel = saved
-    weight_grad = _weight_gradient(inputs, grads)
-    return grads @ kernel.T, weight_grad.astype(kernel.dtype)
+    inputs, kernel, bias = saved
+    weight_grad = _weight_gradient(inputs, grads).astype(kernel.dtype)
+    bias_grad = None if bias is None else grads.reshape(-1, grads.shape[-1]).sum(axis=0).astype(bias.dtype)
+    return grads @ kernel.T, weight_grad, bias_grad
 
 
 _token_matmul.defvjp(_token_matmul_forward, _token_matmul_backward)
 
 
-@jax.custom_vjp
-def _token_affine(inputs: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    return inputs @ kernel + bias
+def matmul(inputs: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """inputs [..., i] @ kernel [i, o] (+ bias [o]): a dense layer's product over many tokens. The same values and
+    gradients as `inputs @ kernel + bias`; on the CPU backend the kernel's gradient is computed in the layout XLA
+    CPU runs fastest (`_weight_gradient`), elsewhere (cuBLAS and TPU take any operand layout) it is plain autodiff.
 
-
-def _token_affine_forward(inputs, kernel, bias):
-    return inputs @ kernel + bias, (inputs, kernel, bias)
-
-
-def _token_affine_backward(saved, grads):
-    inputs, kernel, bias = saved
-    bias_grad = grads.reshape(-1, grads.shape[-1]).sum(axis=0)
-    return grads @ kernel.T, _weight_gradient(inputs, grads).astype(kernel.dtype), bias_grad.astype(bias.dtype)
-
-
-_token_affine.defvjp(_token_affine_forward, _token_affine_backward)
-
-
-def affine(inputs: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """inputs [..., i] @ kernel [i, o] + bias [o]: `matmul` with a bias, whose gradient (on the CPU backend) is
-    summed from the same [tokens, o] view of the incoming gradient that the two products take. Where that gradient
-    comes out of a transpose (the attention's query, key and value projections), autodiff's bias gradient reduces
-    a second, separately transposed copy of it: on the tiny CLIP (see LayerNorm) the step takes 0.94-0.96x the time
-    with this than without on one core and 0.91-0.93x on 2 threads, alternated in one process. The MLP's and the
-    output projection's biases, whose gradients need no transpose, measured level and stay with nn.Dense."""
+    With `bias`, its gradient (on the CPU backend) is summed from the same [tokens, o] view of the incoming
+    gradient that the two products take. Where that gradient comes out of a transpose (the attention's query, key
+    and value projections), autodiff's bias gradient reduces a second, separately transposed copy of it: on the
+    tiny CLIP (see LayerNorm) the step takes 0.94-0.96x the time with this than without on one core and
+    0.91-0.93x on 2 threads, alternated in one process. The MLP's and the output projection's biases, whose
+    gradients need no transpose, measured level and stay outside (nn.Dense's and SelfAttention's own add)."""
     if jax.default_backend() != "cpu" or inputs.ndim < 2:
-        return inputs @ kernel + bias
-    return _token_affine(inputs, kernel, bias)
-
-
-def matmul(inputs: jax.Array, kernel: jax.Array) -> jax.Array:
-    """inputs [..., i] @ kernel [i, o]: a dense layer's product over many tokens. The same values and gradients as
-    `inputs @ kernel`; on the CPU backend the kernel's gradient is computed in the layout XLA CPU runs fastest
-    (`_weight_gradient`), elsewhere (cuBLAS and TPU take any operand layout) it is plain autodiff."""
-    if jax.default_backend() != "cpu" or inputs.ndim < 2:
-        return inputs @ kernel
-    return _token_matmul(inputs, kernel)
+        product = inputs @ kernel
+        return product if bias is None else product + bias
+    return _token_matmul(inputs, kernel, bias)
 
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
@@ -402,7 +382,7 @@ class SelfAttention(nn.Module):
 
     The kernels are [embed, heads, kv] parameters (flax's DenseGeneral initialises a flattened kernel, which
     cannot carry 3-axis logical partitioning); each projection is one product over the kernel viewed as
-    [embed, heads * kv] (`affine` for the query, key and value, `matmul` and the bias for the output).
+    [embed, heads * kv] (`matmul`, with the bias inside for the query, key and value).
     `attention` picks the kernel (ATTENTION): cuDNN through jax.nn.dot_product_attention in the [b, t, h, k] layout
     the projections give, XLA through `softmax_attention` in the [b, h, t, k] layout (the projections' outputs
     transposed), on the CPU backend through `lean_attention` (the same attention with our own VJP).
@@ -429,7 +409,7 @@ class SelfAttention(nn.Module):
             kernel = self.param(name, partitioned(init, ("embed", "heads", "kv")), (width, self.heads, head_dim))
             bias = self.param(f"{name}_bias", partitioned(nn.initializers.zeros, ("heads", "kv")),
                               (self.heads, head_dim))
-            y = affine(x.astype(self.dtype), kernel.reshape(width, width).astype(self.dtype),
+            y = matmul(x.astype(self.dtype), kernel.reshape(width, width).astype(self.dtype),
                        bias.reshape(width).astype(self.dtype))
             y = y.reshape(*x.shape[:2], self.heads, head_dim)
             return constrain(y if layout == "bthk" else y.transpose(0, 2, 1, 3), names)
