@@ -15,7 +15,7 @@ from configs import clip
 from tests.helpers import small_towers
 from vlp_jax import methods, parallel, step
 from vlp_jax.checkpoint import leaves_by_path
-from vlp_jax.models import layers
+from vlp_jax.models import kernels, layers
 
 ENCODERS = (("towers", "image_tower", "encoder"), ("towers", "text_tower", "encoder"))
 
@@ -134,8 +134,8 @@ def test_attention_choices_resolve_by_dtype_head_dim_and_backend():
 @pytest.mark.parametrize("masking", ["none", "padding+causal", "per-query with an empty row"])
 @pytest.mark.parametrize("ours_of", ["softmax_attention", "cpu vjp"])
 def test_our_xla_attention_equals_jax_dot_product_attention(dtype, masking, ours_of):
-    """layers.softmax_attention (heads-major, the scale in the exponent, the normaliser on the output) and the CPU
-    path's attention with its own VJP (layers.lean_attention, jitted) are jax.nn.dot_product_attention's attention:
+    """kernels.softmax_attention (heads-major, the scale in the exponent, the normaliser on the output) and the CPU
+    path's attention with its own VJP (kernels.lean_attention, jitted) are jax.nn.dot_product_attention's attention:
     values and gradients of q, k and v agree, in float32 and bfloat16, with padding, causal and per-query masks, a
     query with nothing to attend to included."""
     rng = np.random.default_rng(1)
@@ -158,9 +158,9 @@ def test_our_xla_attention_equals_jax_dot_product_attention(dtype, masking, ours
     def ours(q, k, v):  # [b, t, h, d] <-> the heads-major layout
         heads_major = [x.transpose(0, 2, 1, 3) for x in (q, k, v)]
         if ours_of == "cpu vjp":
-            y = layers.lean_attention(*heads_major, mask)  # gives [b, t, h, d]
+            y = kernels.lean_attention(*heads_major, mask)  # gives [b, t, h, d]
         else:
-            y = layers.softmax_attention(*heads_major, mask).transpose(0, 2, 1, 3)
+            y = kernels.softmax_attention(*heads_major, mask).transpose(0, 2, 1, 3)
         return (y.astype(jnp.float32) * cotangent).sum()
 
     tolerance = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
@@ -174,7 +174,7 @@ def test_our_xla_attention_equals_jax_dot_product_attention(dtype, masking, ours
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("widths", [(24, 8), (8, 24), (16, 16)])
 def test_token_matmul_gives_the_plain_product_and_its_gradients(dtype, widths):
-    """layers.matmul (a dense layer's product whose kernel gradient is laid out for XLA CPU) equals `x @ w` in value
+    """kernels.matmul (a dense layer's product whose kernel gradient is laid out for XLA CPU) equals `x @ w` in value
     and in the gradients of x and w, for inputs wider, narrower and as wide as the outputs; with a bias it equals
     `x @ w + b` likewise (and b's gradient); nn.Dense through layers.dense_dot_general likewise, jitted."""
     assert jax.default_backend() == "cpu"  # the rearranged gradient is the CPU path
@@ -188,14 +188,14 @@ def test_token_matmul_gives_the_plain_product_and_its_gradients(dtype, widths):
         return lambda x, w: (product(x, w).astype(jnp.float32) * cotangent).sum()
 
     tolerance = dict(rtol=2e-2, atol=5e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
-    ours = jax.jit(jax.value_and_grad(objective(layers.matmul), argnums=(0, 1)))(x, w)
+    ours = jax.jit(jax.value_and_grad(objective(kernels.matmul), argnums=(0, 1)))(x, w)
     reference = jax.value_and_grad(objective(lambda x, w: x @ w), argnums=(0, 1))(x, w)
     for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True):
         assert got.dtype == want.dtype
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tolerance)
 
-    bias = jnp.asarray(rng.normal(size=(outputs,)), dtype)  # layers.matmul with a bias
-    ours = jax.jit(jax.value_and_grad(lambda x, w, b: objective(lambda x, w: layers.matmul(x, w, b))(x, w),
+    bias = jnp.asarray(rng.normal(size=(outputs,)), dtype)  # kernels.matmul with a bias
+    ours = jax.jit(jax.value_and_grad(lambda x, w, b: objective(lambda x, w: kernels.matmul(x, w, b))(x, w),
                                       argnums=(0, 1, 2)))(x, w, bias)
     reference = jax.value_and_grad(lambda x, w, b: objective(lambda x, w: x @ w + b)(x, w),
                                    argnums=(0, 1, 2))(x, w, bias)
