@@ -3,6 +3,7 @@ stack's loss and gradients with the same parameters, on one device and sharded; 
 (config.model.attention) gives the masked attention."""
 
 import logging
+import re
 
 import flax.linen as nn
 import jax
@@ -295,3 +296,58 @@ def test_remat_warns_where_it_saves_nothing_and_saves_with_scanned_blocks(caplog
     assert "saves no memory" not in caplog.text
     kept, recomputed = temp_bytes(config_of(scan=True)), temp_bytes(config_of(scan=True, remat="full"))
     assert recomputed < 0.7 * kept, (recomputed, kept)
+
+
+def test_cpu_dots_follow_the_schedulable_cores_unless_the_environment_says(monkeypatch):
+    """On one schedulable core the CPU step's dots go to XLA's own path (step.cpu_dots), on more to YNNPACK;
+    VLP_JAX_CPU_DOTS overrides either way, and a bad value is refused by name."""
+    monkeypatch.delenv(step.CPU_DOTS_ENV, raising=False)
+    assert (step.cpu_dots(cores=1), step.cpu_dots(cores=2)) == ("xla", "ynn")
+    monkeypatch.setenv(step.CPU_DOTS_ENV, "ynn")
+    assert step.cpu_dots(cores=1) == "ynn" and step.compiler_options() == {}
+    monkeypatch.setenv(step.CPU_DOTS_ENV, "xla")
+    assert step.cpu_dots(cores=8) == "xla"
+    assert step.compiler_options() == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+    monkeypatch.setenv(step.CPU_DOTS_ENV, "eigen")
+    with pytest.raises(ValueError, match="VLP_JAX_CPU_DOTS='eigen'; use one of auto, ynn, xla"):
+        step.cpu_dots()
+
+
+def entry_dots(compiled) -> int:
+    """How many dots the compiled program runs outside library (YNNPACK) fusions."""
+    text = compiled.as_text()
+    return len(re.findall(r"= \S+ dot\(", text[text.index("\nENTRY"):]))
+
+
+def test_the_step_compiled_for_xla_dots_takes_the_same_step(monkeypatch):
+    """The train step compiled with each CPU dot library (step.compile_step under VLP_JAX_CPU_DOTS): "xla" leaves
+    the dots to XLA's own path (60 here), "ynn" fuses all but the smallest into YNNPACK (4 left), and both give the
+    same loss and gradients (Adam's first moment after one step is 0.1 x the gradient)."""
+    config = small_towers(clip.get_config("tiny"))
+    run = step.setup(config)
+    batch = parallel.global_batch_from_local(batch_of(config, config.train.batch_size), run.mesh)
+    results = {}
+    for dots in ("ynn", "xla"):
+        monkeypatch.setenv(step.CPU_DOTS_ENV, dots)
+        compiled, _, _ = step.compile_step(run, batch, config)
+        results[dots] = (entry_dots(compiled), *compiled(jax.tree.map(lambda a: a.copy(), run.state), batch))
+    (ynn_dots, ynn_state, ynn_metrics), (xla_dots, xla_state, xla_metrics) = results["ynn"], results["xla"]
+    assert xla_dots > ynn_dots + 10
+    for name in ("loss", "grad_norm"):
+        np.testing.assert_allclose(xla_metrics[name], ynn_metrics[name], rtol=1e-5)
+    want, got = leaves_by_path(ynn_state.opt_state), leaves_by_path(xla_state.opt_state)
+    assert want.keys() == got.keys()
+    for path in want:
+        np.testing.assert_allclose(got[path], want[path], rtol=1e-4, atol=1e-7, err_msg=path)
+
+
+def test_our_tanh_gelu_is_jax_gelu_in_value_and_gradient():
+    """kernels.gelu_tanh (config.model.activation="gelu", rewritten in fewer operations) is jax.nn.gelu's tanh
+    approximation: values and derivatives agree to float32 rounding across and beyond the activations' range."""
+    x = jnp.concatenate([jnp.linspace(-12.0, 12.0, 20001), jnp.asarray(np.random.default_rng(5).normal(size=4096),
+                                                                          jnp.float32)])
+    np.testing.assert_allclose(kernels.gelu_tanh(x), jax.nn.gelu(x), rtol=1e-6, atol=1e-6)
+    slope = jax.vmap(jax.grad(kernels.gelu_tanh))
+    # where tanh nears -1 both derivatives are float32 cancellations of size ~1e-6
+    np.testing.assert_allclose(slope(x), jax.vmap(jax.grad(jax.nn.gelu))(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kernels._gelu_tanh_derivative(x), slope(x), rtol=1e-5, atol=1e-5)

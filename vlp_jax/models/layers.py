@@ -85,7 +85,7 @@ class MaskEmbedding(nn.Module):
 # MLP activations by name (config.model.activation): "gelu" is flax's tanh approximation (our default);
 # "gelu_exact" the erf form (torch's nn.GELU, open_clip); "quick_gelu" x·σ(1.702x) (OpenAI CLIP's checkpoints).
 ACTIVATIONS = {
-    "gelu": nn.gelu,
+    "gelu": kernels.gelu_tanh,
     "gelu_exact": lambda x: nn.gelu(x, approximate=False),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
 }
@@ -198,7 +198,7 @@ class SelfAttention(nn.Module):
             bias = self.param(f"{name}_bias", partitioned(nn.initializers.zeros, ("heads", "kv")),
                               (self.heads, head_dim))
             y = kernels.matmul(x.astype(self.dtype), kernel.reshape(width, width).astype(self.dtype),
-                       bias.reshape(width).astype(self.dtype))
+                               bias.reshape(width).astype(self.dtype))
             y = y.reshape(*x.shape[:2], self.heads, head_dim)
             return constrain(y if layout == "bthk" else y.transpose(0, 2, 1, 3), names)
 
