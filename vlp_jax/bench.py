@@ -182,6 +182,8 @@ def main(argv):
     device = jax.devices()[0]
     print(f"device: {jax.device_count()} x {device.device_kind} ({device.platform}); dtype {config.model.dtype}; "
           f"global batch {config.train.batch_size}; mesh {dict(config.mesh)}")
+    if device.platform == "cpu":
+        print(f"CPU dots: {step.cpu_dots()} ({step.schedulable_cores()} schedulable cores; {step.CPU_DOTS_ENV})")
     results = benchmark(config, FLAGS.steps, FLAGS.warmup)
     gib = 2**30
     mfu = results["mfu"]
