@@ -35,6 +35,7 @@ from vlp_jax import capacity, cli, host_memory, methods, parallel, stages, step
 from vlp_jax.data import benchmark as benchmark_data
 from vlp_jax.evaluate import benchmark as benchmark_retrieval
 from vlp_jax.flops import mfu
+from vlp_jax.models import kernels
 from vlp_jax.state import count_params
 
 cli.define_config_flag()
@@ -183,7 +184,8 @@ def main(argv):
     print(f"device: {jax.device_count()} x {device.device_kind} ({device.platform}); dtype {config.model.dtype}; "
           f"global batch {config.train.batch_size}; mesh {dict(config.mesh)}")
     if device.platform == "cpu":
-        print(f"CPU dots: {step.cpu_dots()} ({step.schedulable_cores()} schedulable cores; {step.CPU_DOTS_ENV})")
+        cores = kernels.schedulable_cores()
+        print(f"CPU dots: {kernels.cpu_dots()} ({cores} schedulable cores; {kernels.CPU_DOTS_ENV})")
     results = benchmark(config, FLAGS.steps, FLAGS.warmup)
     gib = 2**30
     mfu = results["mfu"]

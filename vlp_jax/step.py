@@ -7,7 +7,6 @@ Shapes come from the method's declared example (`Method.example_batch`), never f
 
 import dataclasses
 import functools
-import os
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -22,7 +21,7 @@ from jax.sharding import Mesh
 from vlp_jax import flops, host_memory, memory, methods, parallel, stages
 from vlp_jax.checkpoint import CheckpointError, load_params
 from vlp_jax.methods.base import Feature, LoadedRun, Pretrained
-from vlp_jax.models import layers
+from vlp_jax.models import kernels, layers
 from vlp_jax.optimizer import learning_rate_schedule, make_optimizer
 from vlp_jax.state import TrainState, create_train_state
 
@@ -181,52 +180,14 @@ def setup(config: ml_collections.ConfigDict, abstract: bool = False) -> Setup:
     return Setup(mesh, method, state, shardings, train_step)
 
 
-# Which library runs the CPU train step's matrix products: "ynn" (YNNPACK, XLA CPU's default), "xla" (XLA's own dot
-# path, Eigen) or "auto" (the default: "xla" where the process has one schedulable core, "ynn" elsewhere).
-CPU_DOTS_ENV = "VLP_JAX_CPU_DOTS"
-CPU_DOTS = ("auto", "ynn", "xla")
-# XLA CPU's option that leaves dots to XLA's own path: YNNPACK then takes only reductions
-_XLA_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
-
-
-def schedulable_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask, e.g. under `taskset`), else the machine's."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def cpu_dots(cores: int | None = None) -> str:
-    """The library for the CPU step's dots, "ynn" or "xla": VLP_JAX_CPU_DOTS, where "auto" (the default) picks
-    "xla" on one schedulable core (`cores`, by default this process's) and "ynn" on more.
-
-    Single-threaded, XLA's own dots (Eigen) run the dense token products ([tokens, width] @ [width, mlp]) about 8%
-    faster than YNNPACK, and the attention's small batched products slower; with two or more threads YNNPACK's are
-    faster. The tiny CLIP step (64 px, width 128, 4+4 layers, batch 128, fp32), both versions compiled in one
-    process and alternated on this 2-core VM: one core ("taskset -c 1") 0.979x the time with "xla" (median of 8
-    rounds); 2 threads 1.10x (6 rounds), hence "ynn" there."""
-    choice = os.environ.get(CPU_DOTS_ENV, "auto")
-    if choice not in CPU_DOTS:
-        raise ValueError(f"{CPU_DOTS_ENV}={choice!r}; use one of {', '.join(CPU_DOTS)} (or leave it unset)")
-    if choice != "auto":
-        return choice
-    return "xla" if (schedulable_cores() if cores is None else cores) == 1 else "ynn"
-
-
-def compiler_options() -> dict[str, str]:
-    """XLA options for compiling the train step here: on the CPU backend, where `cpu_dots` picks "xla", the option
-    that keeps dots out of YNNPACK; nothing elsewhere."""
-    return dict(_XLA_DOTS) if jax.default_backend() == "cpu" and cpu_dots() == "xla" else {}
-
-
 def compile_step(run: Setup, batch, config: ml_collections.ConfigDict):
-    """Compiles the train step for `batch`'s shapes (with `compiler_options`) and fails fast if it cannot fit in
+    """Compiles the train step for `batch`'s shapes (with `kernels.compiler_options`) and fails fast if it cannot fit in
     device memory.
 
     Returns (compiled step, memory estimate, model FLOPs per step as counted from the step's own program).
     """
     host_memory.release_host_memory()  # the state's init programs' compile memory, before the step's compile
-    options = compiler_options()
+    options = kernels.compiler_options()
     with parallel.mesh_context(run.mesh):
         lowered = run.train_step.lower(run.state, batch)
         try:

@@ -133,12 +133,13 @@ def test_attention_choices_resolve_by_dtype_head_dim_and_backend():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("masking", ["none", "padding+causal", "per-query with an empty row"])
-@pytest.mark.parametrize("ours_of", ["softmax_attention", "cpu vjp"])
-def test_our_xla_attention_equals_jax_dot_product_attention(dtype, masking, ours_of):
+@pytest.mark.parametrize("ours_of", ["softmax_attention", "cpu vjp, ynn dots", "cpu vjp, xla dots"])
+def test_our_xla_attention_equals_jax_dot_product_attention(dtype, masking, ours_of, monkeypatch):
     """kernels.softmax_attention (heads-major, the scale in the exponent, the normaliser on the output) and the CPU
-    path's attention with its own VJP (kernels.lean_attention, jitted) are jax.nn.dot_product_attention's attention:
-    values and gradients of q, k and v agree, in float32 and bfloat16, with padding, causal and per-query masks, a
-    query with nothing to attend to included."""
+    path's attention with its own VJP (kernels.lean_attention, jitted; its backward in each CPU dot library's form)
+    are jax.nn.dot_product_attention's attention: values and gradients of q, k and v agree, in float32 and
+    bfloat16, with padding, causal and per-query masks, a query with nothing to attend to included."""
+    monkeypatch.setenv(kernels.CPU_DOTS_ENV, ours_of.split(", ")[-1].split()[0] if "dots" in ours_of else "auto")
     rng = np.random.default_rng(1)
     b, t, h, d = 3, 7, 2, 8
     q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, d)), dtype) for _ in range(3))
@@ -158,7 +159,7 @@ def test_our_xla_attention_equals_jax_dot_product_attention(dtype, masking, ours
 
     def ours(q, k, v):  # [b, t, h, d] <-> the heads-major layout
         heads_major = [x.transpose(0, 2, 1, 3) for x in (q, k, v)]
-        if ours_of == "cpu vjp":
+        if ours_of.startswith("cpu vjp"):
             y = kernels.lean_attention(*heads_major, mask)  # gives [b, t, h, d]
         else:
             y = kernels.softmax_attention(*heads_major, mask).transpose(0, 2, 1, 3)
@@ -299,18 +300,18 @@ def test_remat_warns_where_it_saves_nothing_and_saves_with_scanned_blocks(caplog
 
 
 def test_cpu_dots_follow_the_schedulable_cores_unless_the_environment_says(monkeypatch):
-    """On one schedulable core the CPU step's dots go to XLA's own path (step.cpu_dots), on more to YNNPACK;
+    """On one schedulable core the CPU step's dots go to XLA's own path (kernels.cpu_dots), on more to YNNPACK;
     VLP_JAX_CPU_DOTS overrides either way, and a bad value is refused by name."""
-    monkeypatch.delenv(step.CPU_DOTS_ENV, raising=False)
-    assert (step.cpu_dots(cores=1), step.cpu_dots(cores=2)) == ("xla", "ynn")
-    monkeypatch.setenv(step.CPU_DOTS_ENV, "ynn")
-    assert step.cpu_dots(cores=1) == "ynn" and step.compiler_options() == {}
-    monkeypatch.setenv(step.CPU_DOTS_ENV, "xla")
-    assert step.cpu_dots(cores=8) == "xla"
-    assert step.compiler_options() == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
-    monkeypatch.setenv(step.CPU_DOTS_ENV, "eigen")
+    monkeypatch.delenv(kernels.CPU_DOTS_ENV, raising=False)
+    assert (kernels.cpu_dots(cores=1), kernels.cpu_dots(cores=2)) == ("xla", "ynn")
+    monkeypatch.setenv(kernels.CPU_DOTS_ENV, "ynn")
+    assert kernels.cpu_dots(cores=1) == "ynn" and kernels.compiler_options() == {}
+    monkeypatch.setenv(kernels.CPU_DOTS_ENV, "xla")
+    assert kernels.cpu_dots(cores=8) == "xla"
+    assert kernels.compiler_options() == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+    monkeypatch.setenv(kernels.CPU_DOTS_ENV, "eigen")
     with pytest.raises(ValueError, match="VLP_JAX_CPU_DOTS='eigen'; use one of auto, ynn, xla"):
-        step.cpu_dots()
+        kernels.cpu_dots()
 
 
 def entry_dots(compiled) -> int:
@@ -328,7 +329,7 @@ def test_the_step_compiled_for_xla_dots_takes_the_same_step(monkeypatch):
     batch = parallel.global_batch_from_local(batch_of(config, config.train.batch_size), run.mesh)
     results = {}
     for dots in ("ynn", "xla"):
-        monkeypatch.setenv(step.CPU_DOTS_ENV, dots)
+        monkeypatch.setenv(kernels.CPU_DOTS_ENV, dots)
         compiled, _, _ = step.compile_step(run, batch, config)
         results[dots] = (entry_dots(compiled), *compiled(jax.tree.map(lambda a: a.copy(), run.state), batch))
     (ynn_dots, ynn_state, ynn_metrics), (xla_dots, xla_state, xla_metrics) = results["ynn"], results["xla"]

@@ -10,6 +10,7 @@ compiled memory analysis' temp bytes.
 """
 
 import functools
+import os
 from collections.abc import Callable
 
 import jax
@@ -20,6 +21,46 @@ Dtype = jnp.dtype | str
 
 def _on_cpu() -> bool:
     return jax.default_backend() == "cpu"
+
+
+# Which library runs the CPU train step's matrix products: "ynn" (YNNPACK, XLA CPU's default), "xla" (XLA's own dot
+# path, Eigen) or "auto" (the default: "xla" where the process has one schedulable core, "ynn" elsewhere).
+CPU_DOTS_ENV = "VLP_JAX_CPU_DOTS"
+CPU_DOTS = ("auto", "ynn", "xla")
+# XLA CPU's option that leaves dots to XLA's own path: YNNPACK then takes only reductions
+_XLA_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def schedulable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. under `taskset`), else the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def cpu_dots(cores: int | None = None) -> str:
+    """The library for the CPU step's dots, "ynn" or "xla": VLP_JAX_CPU_DOTS, where "auto" (the default) picks
+    "xla" on one schedulable core (`cores`, by default this process's) and "ynn" on more.
+
+    Single-threaded, XLA's own dots (Eigen) run the dense token products ([tokens, width] @ [width, mlp]) about 8%
+    faster than YNNPACK, and the attention's small batched products (one Eigen call per batch entry and head) about
+    half as fast; with two or more threads YNNPACK's are faster. The attention's backward pass takes the form each
+    library runs faster (`_lean_attention_backward`), so the choice is made when the step is traced: `compile_step`
+    compiles with the matching `compiler_options`. The tiny CLIP step (64 px, width 128, 4+4 layers, batch 128,
+    fp32), both versions compiled in one process and alternated on this 2-core VM: one core ("taskset -c 1")
+    0.969-0.979x the time with "xla" (medians of 8 rounds); 2 threads 1.10x (6 rounds), hence "ynn" there."""
+    choice = os.environ.get(CPU_DOTS_ENV, "auto")
+    if choice not in CPU_DOTS:
+        raise ValueError(f"{CPU_DOTS_ENV}={choice!r}; use one of {', '.join(CPU_DOTS)} (or leave it unset)")
+    if choice != "auto":
+        return choice
+    return "xla" if (schedulable_cores() if cores is None else cores) == 1 else "ynn"
+
+
+def compiler_options() -> dict[str, str]:
+    """XLA options for compiling the train step here: on the CPU backend, where `cpu_dots` picks "xla", the option
+    that keeps dots out of YNNPACK; nothing elsewhere."""
+    return dict(_XLA_DOTS) if jax.default_backend() == "cpu" and cpu_dots() == "xla" else {}
 
 
 def _weight_gradient(inputs: jax.Array, grads: jax.Array) -> jax.Array:
@@ -250,8 +291,15 @@ def _lean_attention_backward(saved, grads):
     if mask is not None:
         logits_grad = jnp.where(mask, logits_grad, 0.0)
     query_grad = jnp.einsum("bhqs,bhsk->bhqk", logits_grad.astype(key.dtype), key, preferred_element_type=jnp.float32)
-    # the key and value gradients contract over queries, which lead the weights: computed transposed ([b, h, k, t_k],
-    # the narrow operand transposed first), the form XLA CPU runs fastest, as in _weight_gradient
+    # The key and value gradients contract over queries, which lead the weights. XLA's own batched dots (cpu_dots
+    # "xla") run that plain form faster (the step 0.987x the time on one core); YNNPACK runs them faster computed
+    # transposed ([b, h, k, t_k], the narrow operand transposed first), as in _weight_gradient.
+    if cpu_dots() == "xla":
+        key_grad = jnp.einsum("bhqs,bhqk->bhsk", logits_grad.astype(query.dtype), query,
+                              preferred_element_type=jnp.float32)
+        value_grad = jnp.einsum("bhqs,bhqk->bhsk", weights.astype(value.dtype), normalised_grads.astype(value.dtype),
+                                preferred_element_type=jnp.float32)
+        return query_grad.astype(query.dtype), key_grad.astype(key.dtype), value_grad.astype(value.dtype), None
     key_grad = jnp.einsum("bhkq,bhqs->bhks", _transposed(query), logits_grad.astype(query.dtype),
                           preferred_element_type=jnp.float32)
     value_grad = jnp.einsum("bhkq,bhqs->bhks", _transposed(normalised_grads.astype(value.dtype)),
