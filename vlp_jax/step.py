@@ -192,7 +192,7 @@ def compile_step(run: Setup, batch, config: ml_collections.ConfigDict):
         lowered = run.train_step.lower(run.state, batch)
         try:
             compiled = lowered.compile(compiler_options=options)
-        except Exception as error:  # an XLA without this option: its default dots
+        except Exception as error:  # an XLA without this option: its default dots (the traced step is the same)
             if not options:
                 raise
             logging.warning("XLA refused the compiler options %s (%s); compiling with its defaults", options, error)

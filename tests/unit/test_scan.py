@@ -352,3 +352,17 @@ def test_our_tanh_gelu_is_jax_gelu_in_value_and_gradient():
     # where tanh nears -1 both derivatives are float32 cancellations of size ~1e-6
     np.testing.assert_allclose(slope(x), jax.vmap(jax.grad(jax.nn.gelu))(x), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(kernels._gelu_tanh_derivative(x), slope(x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_xla_that_refuses_the_compiler_options_compiles_the_step_with_its_defaults(monkeypatch, caplog):
+    """Where XLA does not know an option that kernels.compiler_options asks for, step.compile_step logs a warning
+    naming it and compiles the step with XLA's defaults, which then trains."""
+    monkeypatch.setattr(kernels, "compiler_options", lambda: {"xla_cpu_no_such_option": "1"})
+    config = small_towers(clip.get_config("tiny"))
+    run = step.setup(config)
+    batch = parallel.global_batch_from_local(batch_of(config, config.train.batch_size), run.mesh)
+    with caplog.at_level(logging.WARNING):
+        compiled, _, _ = step.compile_step(run, batch, config)
+    assert "XLA refused the compiler options {'xla_cpu_no_such_option': '1'}" in caplog.text
+    _, metrics = compiled(jax.tree.map(lambda a: a.copy(), run.state), batch)
+    assert np.isfinite(metrics["loss"]) and int(metrics["nonfinite_total"]) == 0
