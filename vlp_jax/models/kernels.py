@@ -7,6 +7,10 @@ plain autodiff (unmeasured on accelerators, where XLA fuses and lays out differe
 are the tiny CLIP's train step (64 px, width 128, 4+4 layers, batch 128, fp32) on our 2-core CPU, each change
 measured alone with both versions compiled in one process and alternated; the step's "XLA temporaries" are its
 compiled memory analysis' temp bytes.
+
+On the CPU backend the step's dots run on YNNPACK or on XLA's own path, whichever is faster for the process's core
+count (`cpu_dots`); the attention's backward pass takes that library's faster form, and `compiler_options` gives
+the step's compile the matching XLA option.
 """
 
 import functools
@@ -60,7 +64,7 @@ def cpu_dots(cores: int | None = None) -> str:
 def compiler_options() -> dict[str, str]:
     """XLA options for compiling the train step here: on the CPU backend, where `cpu_dots` picks "xla", the option
     that keeps dots out of YNNPACK; nothing elsewhere."""
-    return dict(_XLA_DOTS) if jax.default_backend() == "cpu" and cpu_dots() == "xla" else {}
+    return dict(_XLA_DOTS) if _on_cpu() and cpu_dots() == "xla" else {}
 
 
 def _weight_gradient(inputs: jax.Array, grads: jax.Array) -> jax.Array:
@@ -110,9 +114,9 @@ def matmul(inputs: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) 
     With `bias`, its gradient (on the CPU backend) is summed from the same [tokens, o] view of the incoming
     gradient that the two products take. Where that gradient comes out of a transpose (the attention's query, key
     and value projections), autodiff's bias gradient reduces a second, separately transposed copy of it: on the
-    tiny CLIP the step takes 0.94-0.96x the time with this than without on one core and 0.91-0.93x
-    on 2 threads. The MLP's and the output projection's biases, whose
-    gradients need no transpose, measured level and stay outside (nn.Dense's and SelfAttention's own add)."""
+    tiny CLIP the step takes 0.94-0.96x the time with this than without on one core and 0.91-0.93x on 2 threads.
+    The MLP's and the output projection's biases, whose gradients need no transpose, measured level and stay
+    outside (nn.Dense's and SelfAttention's own add)."""
     if not _on_cpu() or inputs.ndim < 2:
         product = inputs @ kernel
         return product if bias is None else product + bias
@@ -188,12 +192,17 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
     jax.nn.gelu's) in fewer operations. With its derivative written out for the backward pass
     (`_gelu_tanh_derivative`, one tanh), the tiny CLIP's step takes 0.993x the time on one core and 0.991x on 2
     threads (8 rounds each) than with jax.nn.gelu and autodiff's derivative."""
-    return x * (0.5 + 0.5 * jnp.tanh(x * (_SQRT_2_OVER_PI + _CUBIC * x * x)))
+    return x * (0.5 + 0.5 * _gelu_tanh_inner(x))
+
+
+def _gelu_tanh_inner(x: jax.Array) -> jax.Array:
+    """tanh(x (a + b x²)), a = sqrt(2/pi), b = 0.044715 a."""
+    return jnp.tanh(x * (_SQRT_2_OVER_PI + _CUBIC * x * x))
 
 
 def _gelu_tanh_derivative(x: jax.Array) -> jax.Array:
     """d gelu_tanh / dx = (1 + t)/2 + x (1 - t²) (a + 3 b x²)/2 with t = tanh(x (a + b x²))."""
-    t = jnp.tanh(x * (_SQRT_2_OVER_PI + _CUBIC * x * x))
+    t = _gelu_tanh_inner(x)
     return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * (_SQRT_2_OVER_PI + 3 * _CUBIC * x * x)
 
 
@@ -263,10 +272,10 @@ def lean_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax
     """softmax_attention with our own VJP, for the CPU backend: query [b, h, t_q, k], key and value [b, h, t_k, k]
     -> [b, t_q, h, k] (the layout the output projection takes). The same values; the backward pass keeps the
     output (which the output projection keeps anyway) instead of its unnormalised form, and computes the key and
-    value gradients, which contract over queries, transposed (the narrow operand transposed first, as in
-    `_weight_gradient`), which XLA CPU runs through YNNPACK instead of Eigen's slower path. On the tiny CLIP the
-    train step takes 0.98x the time on one core and 0.97x on 2 threads, and XLA's temporaries fall from 467 to
-    458 MiB."""
+    value gradients, which contract over queries, in the form the CPU dots' library (`cpu_dots`) runs faster:
+    transposed for YNNPACK (the narrow operand transposed first, as in `_weight_gradient`), plain for XLA's own
+    dots. On the tiny CLIP with YNNPACK the train step takes 0.98x the time on one core and 0.97x on 2 threads
+    against autodiff's, and XLA's temporaries fall from 467 to 458 MiB."""
     return _lean_attention_forward(query, key, value, mask)[0]
 
 
@@ -299,13 +308,14 @@ def _lean_attention_backward(saved, grads):
                               preferred_element_type=jnp.float32)
         value_grad = jnp.einsum("bhqs,bhqk->bhsk", weights.astype(value.dtype), normalised_grads.astype(value.dtype),
                                 preferred_element_type=jnp.float32)
-        return query_grad.astype(query.dtype), key_grad.astype(key.dtype), value_grad.astype(value.dtype), None
-    key_grad = jnp.einsum("bhkq,bhqs->bhks", _transposed(query), logits_grad.astype(query.dtype),
-                          preferred_element_type=jnp.float32)
-    value_grad = jnp.einsum("bhkq,bhqs->bhks", _transposed(normalised_grads.astype(value.dtype)),
-                            weights.astype(value.dtype), preferred_element_type=jnp.float32)
-    return (query_grad.astype(query.dtype), _transposed(jax.lax.optimization_barrier(key_grad)).astype(key.dtype),
-            _transposed(jax.lax.optimization_barrier(value_grad)).astype(value.dtype), None)
+    else:
+        key_grad = _transposed(jax.lax.optimization_barrier(jnp.einsum(
+            "bhkq,bhqs->bhks", _transposed(query), logits_grad.astype(query.dtype),
+            preferred_element_type=jnp.float32)))
+        value_grad = _transposed(jax.lax.optimization_barrier(jnp.einsum(
+            "bhkq,bhqs->bhks", _transposed(normalised_grads.astype(value.dtype)), weights.astype(value.dtype),
+            preferred_element_type=jnp.float32)))
+    return query_grad.astype(query.dtype), key_grad.astype(key.dtype), value_grad.astype(value.dtype), None
 
 
 lean_attention.defvjp(_lean_attention_forward, _lean_attention_backward)
