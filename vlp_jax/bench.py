@@ -17,6 +17,14 @@ The retrieval benchmark (vlp_jax/evaluate/benchmark.py) scores exact image↔tex
 (config.eval.query_chunk × gallery_chunk) and mesh, and prints its time and the process's peak RSS beside the
 size of the score matrix it never builds. Its config defaults to configs/clip.py:tiny.
 
+The variants benchmark (`python -m vlp_jax.bench variants --variant=... --variant=...`) compiles the train step
+once per variant of the config (each --variant a comma-separated list of `dotted.config.key=value` overrides, or
+`env:NAME=value` for an environment variable read while the step is traced and compiled, e.g.
+`env:VLP_JAX_CPU_DOTS=xla`; an empty --variant is the config as given), then times them in one process, one step
+of each in a shuffled order per round, so a slow spell of a shared machine hits them all alike. It prints each
+variant's compile time, median step, pairs/s, MFU and XLA memory estimate, and its step time against the first
+variant's: the median over rounds of the per-round ratio, with the quartiles.
+
 The capacity benchmark (vlp_jax/capacity.py) compiles the train step, without running it, for growing global
 batches on the config's mesh and prints the largest that fits --capacity_budget_gib per device, whole, with the
 chunked loss, with micro-batches and with both. Its config defaults to configs/clip.py:base; for the devices of a
@@ -25,16 +33,15 @@ pod on a CPU, fake them: XLA_FLAGS=--xla_force_host_platform_device_count=8.
 
 import resource
 import statistics
+import sys
 import time
 
 import jax
-import numpy as np
 from absl import app, flags
 
-from vlp_jax import capacity, cli, host_memory, methods, parallel, stages, step
+from vlp_jax import capacity, cli, host_memory, parallel, variants
 from vlp_jax.data import benchmark as benchmark_data
 from vlp_jax.evaluate import benchmark as benchmark_retrieval
-from vlp_jax.flops import mfu
 from vlp_jax.models import kernels
 from vlp_jax.state import count_params
 
@@ -52,6 +59,8 @@ flags.DEFINE_integer("retrieval_images", 200_000, "retrieval: images (image→te
 flags.DEFINE_integer("retrieval_texts", 1_000_000, "retrieval: captions, spread evenly over the images.")
 flags.DEFINE_integer("retrieval_dim", 0, "retrieval: embedding dimension; 0 = the config's model.embed_dim.")
 flags.DEFINE_float("retrieval_noise", 1.0, "retrieval: std of the noise added to an image's embedding per caption.")
+flags.DEFINE_multi_string("variant", [], "variants: overrides 'a.b=value,c.d=value' (or 'env:NAME=value') of one "
+                          "variant; repeat the flag per variant, the first is the baseline ('' = the config as given).")
 flags.DEFINE_float("capacity_budget_gib", 80.0, "capacity: device memory per device, GiB.")
 flags.DEFINE_integer("capacity_chunk", 256, "capacity: column block of the chunked variants.")
 flags.DEFINE_integer("capacity_micro_rows", 64, "capacity: rows per replica of one micro-batch.")
@@ -64,43 +73,38 @@ RETRIEVAL_COMMAND = "retrieval"
 RETRIEVAL_DEFAULT_CONFIG = "configs/clip.py:tiny"
 CAPACITY_COMMAND = "capacity"
 CAPACITY_DEFAULT_CONFIG = "configs/clip.py:base"
+VARIANTS_COMMAND = "variants"
+VARIANTS_DEFAULT_CONFIG = "configs/clip.py:tiny"
 
 
 def benchmark(config, steps: int, warmup: int) -> dict[str, float | None]:
     """Times `steps` train steps after `warmup`; returns the figures `main` prints."""
-    run = step.setup(config)
-    example = run.method.example_batch(config)  # random inputs of the method's declared shapes
-    host_batch = step.random_batch(example, config.train.batch_size, np.random.default_rng(config.seed))
-    batch = parallel.global_batch_from_local(host_batch, run.mesh)
-    started = time.perf_counter()
-    compiled, estimate, flops = step.compile_step(run, batch, config)
-    compile_seconds = time.perf_counter() - started
-    state = run.state
-    for _ in range(warmup):
-        state, _ = compiled(state, batch)
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        state, step_metrics = compiled(state, batch)
-        jax.block_until_ready(step_metrics)
-        times.append(time.perf_counter() - started)
-    step_seconds = statistics.median(times)
-    loss_seconds = loss_benchmark(run, state, batch, steps) if run.method.accumulates() else None
-    device = jax.devices()[0]
-    stats = device.memory_stats() or {}
+    built = variants.CompiledStep.build(config, warmup)
+    step_seconds = statistics.median([built.timed_step() for _ in range(steps)])
+    run = built.run
+    loss_seconds = loss_benchmark(run, built.state, built.batch, steps) if run.method.accumulates() else None
+    stats = jax.devices()[0].memory_stats() or {}
     return {
-        "parameters": count_params(state.params),
-        "compile_s": compile_seconds,
-        "step_s_median": step_seconds,
+        **built.figures(step_seconds),
+        "parameters": count_params(built.state.params),
         "loss_s_median": loss_seconds,
-        "pairs_per_s": config.train.batch_size / step_seconds,
-        "tflops_per_s": flops / step_seconds / 1e12,
-        "mfu": mfu(flops, step_seconds, device.device_kind, config.model.dtype, run.mesh.size),
-        "estimated_bytes_per_device": estimate.per_device_bytes,
         "peak_device_bytes": stats.get("peak_bytes_in_use"),
         "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
+
+
+def print_variants_benchmark(config) -> None:
+    if len(FLAGS.variant) < 2:
+        raise app.UsageError("variants: give at least two --variant flags, the first the baseline (--variant= is "
+                             "the config as given), e.g. --variant= --variant=model.scan_layers=true")
+    try:
+        chosen = [variants.parse_variant(config, text) for text in FLAGS.variant]
+    except ValueError as error:  # a key or value the config cannot take: one line, like a bad --config override
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print_header(config)
+    print(f"variants: {len(chosen)}; {FLAGS.steps} rounds of one step each, after {FLAGS.warmup} warm-up steps")
+    print(variants.format_table(variants.benchmark(config, chosen, FLAGS.steps, FLAGS.warmup)))
 
 
 def loss_benchmark(run, state, batch, steps: int) -> float:
@@ -171,21 +175,19 @@ def main(argv):
     if argv[1:] == [CAPACITY_COMMAND]:
         print_capacity_benchmark(FLAGS.config)
         return
+    if argv[1:] == [VARIANTS_COMMAND]:
+        print_variants_benchmark(FLAGS.config)
+        return
     if len(argv) > 1:
         raise app.UsageError(
-            f"Unexpected arguments: {' '.join(argv[1:])}; the commands are '{DATA_COMMAND}', '{RETRIEVAL_COMMAND}' "
-            f"and '{CAPACITY_COMMAND}'"
+            f"Unexpected arguments: {' '.join(argv[1:])}; the commands are '{DATA_COMMAND}', '{RETRIEVAL_COMMAND}', "
+            f"'{CAPACITY_COMMAND}' and '{VARIANTS_COMMAND}'"
         )
-    config = FLAGS.config
-    for spec in methods.get(config.method.name).pretrained(config).values():
-        if not stages.get_key(config, spec.config_key):  # step time does not depend on what trained weights mean
-            stages.set_key(config, spec.config_key, stages.RANDOM)
-    device = jax.devices()[0]
-    print(f"device: {jax.device_count()} x {device.device_kind} ({device.platform}); dtype {config.model.dtype}; "
-          f"global batch {config.train.batch_size}; mesh {dict(config.mesh)}")
-    if device.platform == "cpu":
-        cores = kernels.schedulable_cores()
-        print(f"CPU dots: {kernels.cpu_dots()} ({cores} schedulable cores; {kernels.CPU_DOTS_ENV})")
+    if FLAGS.variant:
+        raise app.UsageError(f"--variant belongs to the '{VARIANTS_COMMAND}' command: python -m vlp_jax.bench "
+                             f"{VARIANTS_COMMAND} --config=... --variant=... --variant=...")
+    config = variants.with_random_stages(FLAGS.config)
+    print_header(config)
     results = benchmark(config, FLAGS.steps, FLAGS.warmup)
     gib = 2**30
     mfu = results["mfu"]
@@ -205,10 +207,19 @@ def main(argv):
     print(f"peak host RSS         {results['peak_host_rss_bytes'] / gib:.2f} GiB")
 
 
+def print_header(config) -> None:
+    device = jax.devices()[0]
+    print(f"device: {jax.device_count()} x {device.device_kind} ({device.platform}); dtype {config.model.dtype}; "
+          f"global batch {config.train.batch_size}; mesh {dict(config.mesh)}")
+    if device.platform == "cpu":
+        cores = kernels.schedulable_cores()
+        print(f"CPU dots: {kernels.cpu_dots()} ({cores} schedulable cores; {kernels.CPU_DOTS_ENV})")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """`data` without --config benchmarks the 224 px preset, `retrieval` the tiny one."""
+    """Without --config, `data` and `capacity` benchmark the base preset, `retrieval` and `variants` the tiny one."""
     defaults = {DATA_COMMAND: DATA_DEFAULT_CONFIG, RETRIEVAL_COMMAND: RETRIEVAL_DEFAULT_CONFIG,
-                CAPACITY_COMMAND: CAPACITY_DEFAULT_CONFIG}
+                CAPACITY_COMMAND: CAPACITY_DEFAULT_CONFIG, VARIANTS_COMMAND: VARIANTS_DEFAULT_CONFIG}
     command = next((arg for arg in argv[1:] if arg in defaults), None)
     if command and not any(arg.startswith("--config") for arg in argv):
         argv = [*argv, f"--config={defaults[command]}"]

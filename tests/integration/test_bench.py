@@ -1,4 +1,5 @@
-"""`python -m vlp_jax.bench` as a user runs it: the step benchmark with the loss's share, and the capacity search."""
+"""`python -m vlp_jax.bench` as a user runs it: the step benchmark with the loss's share, the capacity search and
+config variants timed side by side."""
 
 import os
 import re
@@ -35,3 +36,23 @@ def test_the_capacity_command_prints_the_largest_batch_per_variant():
     assert set(rows) == {"whole", "micro"}, out
     whole, micro = (int(rows[name].replace(",", "")) for name in ("whole", "micro"))
     assert 0 < whole < micro, out
+
+
+def test_the_variants_command_times_each_variant_against_the_first():
+    out = bench("variants", *SMALL, "--config.train.batch_size=64", "--steps=3", "--warmup=1", "--variant=",
+                "--variant=model.scan_layers=true,env:VLP_JAX_CPU_DOTS=xla")
+    rows = re.findall(r"^(\(config as given\)|model\.scan_layers=true,env:VLP_JAX_CPU_DOTS=xla) +([\d.]+) +([\d.]+) "
+                      r"+[\d,]+ +n/a +[\d.]+ +([\d.]+)x \[", out, re.M)
+    assert [row[0] for row in rows] == ["(config as given)", "model.scan_layers=true,env:VLP_JAX_CPU_DOTS=xla"], out
+    assert rows[0][3] == "1.000"
+    assert all(float(compile_s) > 0 and float(step_ms) > 0 for _, compile_s, step_ms, _ in rows)
+
+
+def test_a_variant_naming_no_config_key_stops_with_one_line_naming_it():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    finished = subprocess.run([sys.executable, "-m", "vlp_jax.bench", "variants", *SMALL, "--variant=",
+                               "--variant=model.scan=true"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=120)
+    assert finished.returncode == 2, finished.stderr[-2000:]
+    assert finished.stderr.strip().splitlines()[-1].startswith(
+        "error: --variant='model.scan=true': model.scan: config.model has no key 'scan'. Its keys: "), finished.stderr
