@@ -214,6 +214,8 @@ def print_header(config) -> None:
     if device.platform == "cpu":
         cores = kernels.schedulable_cores()
         print(f"CPU dots: {kernels.cpu_dots()} ({cores} schedulable cores; {kernels.CPU_DOTS_ENV})")
+        parts = kernels.attention_parts(config.train.batch_size)
+        print(f"CPU attention: {parts} batch slice(s) ({kernels.CPU_ATTENTION_PARTS_ENV})")
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -2,6 +2,7 @@
 stack's loss and gradients with the same parameters, on one device and sharded; the attention kernel choice
 (config.model.attention) gives the masked attention."""
 
+import functools
 import logging
 import re
 
@@ -400,3 +401,39 @@ def test_an_xla_that_refuses_the_compiler_options_compiles_the_step_with_its_def
     assert "XLA refused the compiler options {'xla_cpu_no_such_option': '1'}" in caplog.text
     _, metrics = compiled(jax.tree.map(lambda a: a.copy(), run.state), batch)
     assert np.isfinite(metrics["loss"]) and int(metrics["nonfinite_total"]) == 0
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("mask_batch", [None, 1, 5])
+def test_attention_split_over_the_batch_gives_the_whole_batchs_values_and_gradients(parts, mask_batch):
+    """kernels.split_attention (the CPU attention in slices of the batch, uneven where the batch does not divide)
+    gives lean_attention's values and q, k, v gradients on the whole batch, with no mask, a mask broadcast from a
+    batch of 1 and a per-example mask."""
+    rng = np.random.default_rng(2)
+    b, h, t, d = 5, 2, 6, 8
+    q, k, v = (jnp.asarray(rng.normal(size=(b, h, t, d)), jnp.float32) for _ in range(3))
+    mask = None if mask_batch is None else jnp.asarray(rng.random((mask_batch, 1, t, t)) < 0.7)
+    cotangent = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+
+    def loss(parts, q, k, v):
+        return (kernels.split_attention(q, k, v, mask, parts) * cotangent).sum()
+
+    whole = jax.jit(jax.value_and_grad(functools.partial(loss, 1), argnums=(0, 1, 2)))(q, k, v)
+    split = jax.jit(jax.value_and_grad(functools.partial(loss, parts), argnums=(0, 1, 2)))(q, k, v)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5), split, whole)
+
+
+def test_cpu_attention_parts_follow_the_dots_and_devices_unless_the_environment_says(monkeypatch):
+    """The CPU attention runs in two batch slices where YNNPACK takes the dots on one device, else in one;
+    VLP_JAX_CPU_ATTENTION_PARTS overrides (never more slices than examples), and a bad value is refused by name."""
+    monkeypatch.delenv(kernels.CPU_DOTS_ENV, raising=False)
+    monkeypatch.delenv(kernels.CPU_ATTENTION_PARTS_ENV, raising=False)
+    assert kernels.attention_parts(128, cores=2, devices=1) == 2
+    assert kernels.attention_parts(128, cores=1, devices=1) == 1  # XLA's dots on one core
+    assert kernels.attention_parts(128, cores=2, devices=8) == 1  # a sharded batch
+    assert kernels.attention_parts(1, cores=2, devices=1) == 1
+    monkeypatch.setenv(kernels.CPU_ATTENTION_PARTS_ENV, "4")
+    assert (kernels.attention_parts(128, cores=1, devices=8), kernels.attention_parts(3)) == (4, 3)
+    monkeypatch.setenv(kernels.CPU_ATTENTION_PARTS_ENV, "two")
+    with pytest.raises(ValueError, match="VLP_JAX_CPU_ATTENTION_PARTS='two'; use auto or a whole number >= 1"):
+        kernels.attention_parts(128)

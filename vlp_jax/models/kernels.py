@@ -33,6 +33,8 @@ CPU_DOTS_ENV = "VLP_JAX_CPU_DOTS"
 CPU_DOTS = ("auto", "ynn", "xla")
 # XLA CPU's option that leaves dots to XLA's own path: YNNPACK then takes only reductions
 _XLA_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+# How many batch slices the CPU attention runs as: "auto" (the default; `attention_parts`) or a whole number
+CPU_ATTENTION_PARTS_ENV = "VLP_JAX_CPU_ATTENTION_PARTS"
 
 
 def schedulable_cores() -> int:
@@ -323,7 +325,47 @@ lean_attention.defvjp(_lean_attention_forward, _lean_attention_backward)
 
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """softmax_attention of heads-major inputs (query [b, h, t_q, k], key and value [b, h, t_k, k]) in the layout
-    the output projection takes, [b, t_q, h, k]: through `lean_attention` (our VJP) on the CPU backend."""
-    if _on_cpu():
+    the output projection takes, [b, t_q, h, k]: on the CPU backend through `lean_attention` (our VJP), in
+    `attention_parts` slices of the batch."""
+    if not _on_cpu():
+        return softmax_attention(query, key, value, mask).transpose(0, 2, 1, 3)
+    return split_attention(query, key, value, mask, attention_parts(query.shape[0]))
+
+
+def attention_parts(batch: int, cores: int | None = None, devices: int | None = None) -> int:
+    """How many slices of the batch the CPU attention runs as (`split_attention`): VLP_JAX_CPU_ATTENTION_PARTS,
+    where "auto" (the default) picks 2 where the step's dots go to YNNPACK (`cpu_dots`, two or more schedulable
+    `cores`) and the process has one device (`devices`, by default jax.device_count()), else 1.
+
+    YNNPACK spreads the attention's small batched dots over two threads poorly (1.08-1.45x the one-thread speed,
+    where the dense token products reach 1.9x); two independent halves let XLA's runtime run one per thread. The
+    tiny CLIP step (64 px, width 128, 4+4 layers, batch 128, fp32) on this 2-core VM, each version compiled in one
+    process and alternated (`bench variants`): 0.970-0.986x the time in two parts (medians of 30, 40 and 100
+    rounds' ratios; the quartiles straddle 1), 0.971x in four; on one core with XLA's dots, level (1.005x), hence
+    one part there. Ours, measured on 2 cores only; with several devices the
+    batch is sharded and a global slice would move data between them, hence one part."""
+    choice = os.environ.get(CPU_ATTENTION_PARTS_ENV, "auto")
+    if choice != "auto":
+        if not choice.isdigit() or int(choice) < 1:
+            raise ValueError(f"{CPU_ATTENTION_PARTS_ENV}={choice!r}; use auto or a whole number >= 1 (or leave it "
+                             "unset)")
+        return max(1, min(int(choice), batch))
+    devices = jax.device_count() if devices is None else devices
+    return 2 if batch >= 2 and devices == 1 and cpu_dots(cores) == "ynn" else 1
+
+
+def split_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None,
+                    parts: int) -> jax.Array:
+    """`lean_attention` run on `parts` consecutive slices of the batch (as equal as the batch allows), the outputs
+    concatenated: the same values and gradients, as independent programs XLA's CPU runtime may run at once. A mask
+    with a batch of 1 broadcasts to every slice."""
+    batch = query.shape[0]
+    if parts <= 1:
         return lean_attention(query, key, value, mask)
-    return softmax_attention(query, key, value, mask).transpose(0, 2, 1, 3)
+    bounds = [batch * i // parts for i in range(parts + 1)]
+
+    def piece(x, start, stop):
+        return x if x is None or x.shape[0] != batch else x[start:stop]
+
+    return jnp.concatenate([lean_attention(*(piece(x, start, stop) for x in (query, key, value, mask)))
+                            for start, stop in zip(bounds, bounds[1:], strict=False) if stop > start])
