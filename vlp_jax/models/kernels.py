@@ -14,6 +14,7 @@ the step's compile the matching XLA option.
 """
 
 import functools
+import itertools
 import os
 from collections.abc import Callable
 
@@ -342,14 +343,14 @@ def attention_parts(batch: int, cores: int | None = None, devices: int | None = 
     tiny CLIP step (64 px, width 128, 4+4 layers, batch 128, fp32) on this 2-core VM, each version compiled in one
     process and alternated (`bench variants`): 0.970-0.986x the time in two parts (medians of 30, 40 and 100
     rounds' ratios; the quartiles straddle 1), 0.971x in four; on one core with XLA's dots, level (1.005x), hence
-    one part there. Ours, measured on 2 cores only; with several devices the
-    batch is sharded and a global slice would move data between them, hence one part."""
+    one part there. Ours, measured on 2 cores only; with several devices the batch is sharded and a global slice
+    would move data between them, hence one part."""
     choice = os.environ.get(CPU_ATTENTION_PARTS_ENV, "auto")
     if choice != "auto":
         if not choice.isdigit() or int(choice) < 1:
             raise ValueError(f"{CPU_ATTENTION_PARTS_ENV}={choice!r}; use auto or a whole number >= 1 (or leave it "
                              "unset)")
-        return max(1, min(int(choice), batch))
+        return min(int(choice), batch)
     devices = jax.device_count() if devices is None else devices
     return 2 if batch >= 2 and devices == 1 and cpu_dots(cores) == "ynn" else 1
 
@@ -368,4 +369,4 @@ def split_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: ja
         return x if x is None or x.shape[0] != batch else x[start:stop]
 
     return jnp.concatenate([lean_attention(*(piece(x, start, stop) for x in (query, key, value, mask)))
-                            for start, stop in zip(bounds, bounds[1:], strict=False) if stop > start])
+                            for start, stop in itertools.pairwise(bounds) if stop > start])
